@@ -1,0 +1,177 @@
+"""The transformation type and the few functions everything else is built from.
+
+An optlab transform *is* an ``optax.GradientTransformationExtraArgs``: a
+NamedTuple of two pure functions,
+
+    init(params) -> state
+    update(updates, state, params=None, **extra_args) -> (updates, state)
+
+so optax transforms compose inside optlab chains and optlab transforms inside
+``optax.chain`` and ``flax.nnx.Optimizer``. We reuse optax's *types* for that
+interoperability; the algorithms themselves are written in this package.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GradientTransformation = optax.GradientTransformation
+GradientTransformationExtraArgs = optax.GradientTransformationExtraArgs
+EmptyState = optax.EmptyState
+Params = Any
+Updates = Any
+
+
+def count_dtype():
+    return jnp.int32
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1`` that saturates instead of wrapping around at int32 max."""
+    max_int = jnp.iinfo(count.dtype).max
+    return jnp.where(count < max_int, count + 1, max_int)
+
+
+def _accepts_extra_args(tx) -> bool:
+    if isinstance(tx, GradientTransformationExtraArgs):
+        return True
+    try:
+        sig = inspect.signature(tx.update)
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def with_extra_args_support(tx) -> GradientTransformationExtraArgs:
+    """Wrap a plain optax transform so that it ignores extra keyword arguments."""
+    if _accepts_extra_args(tx):
+        if isinstance(tx, GradientTransformationExtraArgs):
+            return tx
+        return GradientTransformationExtraArgs(tx.init, tx.update)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        return tx.update(updates, state, params)
+
+    return GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def identity() -> GradientTransformationExtraArgs:
+    """The transform that leaves updates unchanged (a neutral element of `chain`)."""
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return updates, state
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def chain(*transforms) -> GradientTransformationExtraArgs:
+    """Compose transforms: the updates flow through them left to right.
+
+    The state is the tuple of the members' states. Extra keyword arguments given
+    to ``update`` (a loss value, a value-and-grad function) reach every member
+    that accepts them; optax transforms that take none are wrapped.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.chain(optlab.clip_by_global_norm(1.0), optlab.scale_by_learning_rate(0.1))
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    """
+    if not all(hasattr(t, "init") and hasattr(t, "update") for t in transforms):
+        bad = [t for t in transforms if not (hasattr(t, "init") and hasattr(t, "update"))]
+        raise TypeError(f"chain() takes gradient transformations, got {bad[0]!r}")
+    txs = tuple(with_extra_args_support(t) for t in transforms)
+
+    def init_fn(params):
+        return tuple(t.init(params) for t in txs)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if len(state) != len(txs):
+            raise ValueError(f"chain of {len(txs)} transforms got a state of length {len(state)}")
+        new_state = []
+        for t, s in zip(txs, state):
+            updates, s = t.update(updates, s, params, **extra_args)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_same_structure(updates, params, what: str = "updates") -> None:
+    """Raise a clear error when a gradient tree does not match the parameter tree."""
+    if params is None:
+        return
+    s_u = jax.tree_util.tree_structure(updates)
+    s_p = jax.tree_util.tree_structure(params)
+    if s_u != s_p:
+        raise ValueError(
+            f"the {what} tree does not match the parameter tree:\n"
+            f"  {what}: {s_u}\n  params: {s_p}"
+        )
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` leaf by leaf, keeping each parameter's dtype.
+
+    The sum is computed in the wider of the two dtypes and cast back, so
+    bfloat16 parameters stay bfloat16 even when the optimizer works in float32.
+    """
+    check_same_structure(updates, params)
+
+    def add(p, u):
+        if p is None:
+            return None
+        return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+
+    return jax.tree_util.tree_map(add, params, updates, is_leaf=lambda x: x is None)
+
+
+def tree_zeros_like(tree, dtype=None):
+    return jax.tree_util.tree_map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
+
+
+def tree_full_like(tree, value, dtype=None):
+    return jax.tree_util.tree_map(lambda x: jnp.full_like(x, value, dtype=dtype), tree)
+
+
+def tree_vdot(a, b) -> jax.Array:
+    """Sum over leaves of <a, b>, accumulated in float32."""
+    parts = jax.tree_util.tree_map(
+        lambda x, y: jnp.vdot(x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()), a, b
+    )
+    return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares over all leaves), in float32."""
+    return jnp.sqrt(tree_vdot(tree, tree))
+
+
+def all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def cast_like(updates, like):
+    """Cast every update leaf to the dtype of the corresponding leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda u, g: u.astype(jnp.asarray(g).dtype), updates, like)
+
+
+class CountState(NamedTuple):
+    """State of a transform whose only memory is the number of updates seen."""
+
+    count: jax.Array

@@ -1,0 +1,112 @@
+"""Argument checks that run at construction time, on concrete values only.
+
+Hyperparameters may be JAX tracers (an optimizer built inside ``jax.vmap``);
+those cannot be inspected without forcing a host round trip, so every check
+here silently accepts a tracer and checks everything else, element-wise for
+arrays. Errors quote the argument name and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def concrete(value: Any) -> np.ndarray | None:
+    """The value as a numpy array, or None when it is traced or not numeric."""
+    if value is None or callable(value) or is_traced(value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything non-numeric is simply not checked here
+        return None
+    if arr.dtype.kind not in "biuf":
+        return None
+    return arr
+
+
+def _show(value: Any) -> str:
+    arr = concrete(value)
+    if arr is not None and arr.ndim == 0:
+        return repr(arr.item())
+    return repr(value)
+
+
+def check_number(name: str, value: Any) -> None:
+    """Reject non-numeric values (strings, lists of strings, None...)."""
+    if callable(value) or is_traced(value):
+        return
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` (={value!r}) must be a number, not a bool")
+    if concrete(value) is None:
+        raise TypeError(f"`{name}` (={value!r}) must be a number or an array of numbers")
+
+
+def check_range(
+    name: str,
+    value: Any,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Check ``lo <= value <= hi`` (with open ends as asked) for concrete values."""
+    check_number(name, value)
+    arr = concrete(value)
+    if arr is None:
+        return
+    ok = ~np.isnan(arr)
+    ok &= (arr > lo) if lo_open else (arr >= lo)
+    ok &= (arr < hi) if hi_open else (arr <= hi)
+    if not np.all(ok):
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"`{name}` (={_show(value)}) must be in {left}{lo}, {hi}{right}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_range(name, value, 0.0, math.inf)
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_range(name, value, 0.0, math.inf, lo_open=True)
+
+
+def check_probability(name: str, value: Any) -> None:
+    """A decay rate such as a beta or a momentum: in [0, 1)."""
+    check_range(name, value, 0.0, 1.0, hi_open=True)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if is_traced(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        arr = concrete(value)
+        if arr is None or arr.ndim != 0 or arr.dtype.kind not in "iu":
+            raise TypeError(f"`{name}` (={value!r}) must be an integer")
+        value = int(arr)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` (={value!r}) must be >= {minimum}")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` (={value!r}) must be one of {', '.join(map(repr, choices))}")
+
+
+def is_zero(value: Any) -> bool:
+    """True for a *Python* number equal to zero.
+
+    A literal ``0`` switches a feature off and compiles it out (no state, no
+    extra memory traffic). An array, even a concrete zero, keeps the feature
+    in so that it can be swept or changed later with ``set_hyperparams``.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0

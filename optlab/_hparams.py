@@ -1,0 +1,244 @@
+"""Hyperparameters as data.
+
+Every named optimizer is built by `with_hyperparams`: its numeric
+hyperparameters (learning rate, momentum, betas, eps, weight decay...) are
+stored *in the optimizer state* as float32 arrays, and the update rule is
+rebuilt from those arrays on every call. Three things follow:
+
+1. Hyperparameters may be JAX arrays or tracers, so an optimizer built inside
+   ``jax.vmap`` over a vector of learning rates is a sweep.
+2. `hyperparams(state)` reads the current values inside jit (for logging) and
+   `set_hyperparams(state, learning_rate=...)` changes them without
+   recompiling; the result is bit-identical to building the optimizer with
+   that value, because both paths feed the same float32 array to the same code.
+3. A hyperparameter given as a `Schedule` lives in the state too (its
+   parameters are pytree leaves), evaluated at the step counter; its value at
+   the last step taken is what `hyperparams` reports.
+
+Structural choices (``nesterov``, ``amsgrad``, a literal ``0`` that switches a
+feature off) are fixed when the optimizer is built; changing them changes the
+compiled program, so they are not in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, with_extra_args_support
+from optlab.schedules._core import Schedule
+
+
+class HyperparamsState(NamedTuple):
+    """State of an optimizer built by `with_hyperparams`.
+
+    Attributes:
+      count: number of updates applied (int32); schedules are evaluated at it.
+      hyperparams: current value of every numeric hyperparameter (float32
+        arrays): for a scheduled one, the value used by the last update (the
+        value for step 0 before any update).
+      schedules: the `Schedule` of each scheduled hyperparameter (data too).
+      inner_state: the state of the update rule itself.
+    """
+
+    count: jax.Array
+    hyperparams: dict
+    schedules: dict
+    inner_state: Any
+
+
+def _as_hparam(name: str, value: Any) -> jax.Array:
+    if isinstance(value, bool):
+        raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number, not a bool")
+    try:
+        return jnp.asarray(value, dtype=jnp.float32)
+    except TypeError as e:
+        raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number or array") from e
+
+
+def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientTransformationExtraArgs:
+    """Build a transform whose numeric hyperparameters live in its state.
+
+    Args:
+      build: ``build(**values) -> GradientTransformation``: constructs the update
+        rule from hyperparameter values (float32 scalars or arrays, possibly
+        traced). It must not branch in Python on those values.
+      **hyperparams: numbers, arrays, `Schedule`s, or plain callables
+        ``step -> value`` (a plain callable is kept as code, not data: it cannot
+        be replaced with `set_hyperparams`). ``None`` values are passed to
+        ``build`` as ``None`` and not stored.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.with_hyperparams(lambda lr: optlab.scale(-lr), lr=0.1)
+      >>> state = tx.init({"w": jnp.ones(2)})
+      >>> float(optlab.hyperparams(state)["lr"])
+      0.10000000149011612
+    """
+    absent = {k for k, v in hyperparams.items() if v is None}
+    scheduled = {k: v for k, v in hyperparams.items() if isinstance(v, Schedule)}
+    code = {k: v for k, v in hyperparams.items() if callable(v) and not isinstance(v, Schedule)}
+    numeric = {
+        k: _as_hparam(k, v) for k, v in hyperparams.items() if k not in absent and k not in scheduled and k not in code
+    }
+
+    def values_at(count, numeric_values, schedules):
+        vals = dict(numeric_values)
+        for k, s in schedules.items():
+            vals[k] = jnp.asarray(s(count), jnp.float32)
+        for k, f in code.items():
+            vals[k] = jnp.asarray(f(count), jnp.float32)
+        return vals
+
+    def make(vals):
+        kwargs = dict(vals)
+        kwargs.update({k: None for k in absent})
+        return with_extra_args_support(build(**kwargs))
+
+    def init_fn(params):
+        count = jnp.zeros([], count_dtype())
+        vals = values_at(count, numeric, scheduled)
+        inner = make(vals)
+        return HyperparamsState(count, vals, dict(scheduled), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        numeric_now = {k: state.hyperparams[k] for k in numeric}
+        vals = values_at(state.count, numeric_now, state.schedules)
+        inner = make(vals)
+        updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        return updates, HyperparamsState(safe_increment(state.count), vals, state.schedules, inner_state)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- reading and writing hyperparameters in a state -----------------------------------------
+
+
+def _is_hp_state(x) -> bool:
+    return isinstance(x, HyperparamsState)
+
+
+def _find(state, path=()):
+    """All HyperparamsState nodes in a state tree, with their paths (outermost only)."""
+    if _is_hp_state(state):
+        return [(path, state)]
+    found = []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (tuple, list)):
+        items = enumerate(state)
+    else:
+        children = getattr(state, "_asdict", None)
+        if children is None:
+            return []
+        items = children().items()
+    for k, v in items:
+        found.extend(_find(v, path + (k,)))
+    return found
+
+
+def hyperparams(state) -> dict:
+    """The current hyperparameters of an optimizer state, usable inside jit.
+
+    For one optimizer: ``{"learning_rate": Array(...), "momentum": ...}``, the
+    learning rate as scheduled at the last step taken. When the state holds
+    several optimizers (parameter groups), a dict keyed by group label.
+    """
+    found = _find(state)
+    if not found:
+        raise ValueError(
+            "this optimizer state holds no hyperparameters; build the optimizer with an optlab "
+            "optimizer function (optlab.sgd, optlab.adam, ...) or optlab.with_hyperparams"
+        )
+    if len(found) == 1:
+        return dict(found[0][1].hyperparams)
+    out = {}
+    for path, s in found:
+        label = _group_label(path)
+        out[label] = dict(s.hyperparams)
+    return out
+
+
+def _group_label(path) -> str:
+    # Parameter-group states are dicts keyed by label; show the last string key on the path.
+    strings = [p for p in path if isinstance(p, str) and p not in ("inner_states", "inner_state")]
+    return strings[-1] if strings else "/".join(map(str, path))
+
+
+def set_hyperparams(state, group: str | None = None, **values):
+    """Return ``state`` with hyperparameters replaced, without recompiling.
+
+    Each value is cast to the stored dtype and shape, so a jitted step that
+    takes the state as an argument sees the same abstract types. A scheduled
+    hyperparameter takes a `Schedule` of the same structure as the old one.
+    With parameter groups, every group that has the hyperparameter is changed
+    unless ``group`` names one.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.sgd(0.1, momentum=0.9)
+      >>> state = opt.init({"w": jnp.ones(2)})
+      >>> state = optlab.set_hyperparams(state, learning_rate=0.05)
+    """
+    if not values:
+        return state
+    found = _find(state)
+    if group is not None:
+        found = [(p, s) for p, s in found if _group_label(p) == group]
+        if not found:
+            raise KeyError(f"no parameter group labelled {group!r} in this optimizer state")
+    if not found:
+        hyperparams(state)  # raises the explanatory error
+    known = set()
+    for _, s in found:
+        known |= set(s.hyperparams) | set(s.schedules)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise KeyError(
+            f"unknown hyperparameter(s) {unknown}; this optimizer state has {sorted(known)}"
+            " (a feature switched off with a literal 0 is compiled out: build it with an array to make it settable)"
+        )
+    replacements = {id(s): _replace(s, values) for _, s in found}
+
+    def rebuild(node):
+        if _is_hp_state(node):
+            return replacements.get(id(node), node)
+        if isinstance(node, dict):
+            return {k: rebuild(v) for k, v in node.items()}
+        if hasattr(node, "_asdict"):
+            return type(node)(*[rebuild(v) for v in node])
+        if isinstance(node, (tuple, list)):
+            return type(node)(rebuild(v) for v in node)
+        return node
+
+    return rebuild(state)
+
+
+def _replace(s: HyperparamsState, values: dict) -> HyperparamsState:
+    hp = dict(s.hyperparams)
+    sch = dict(s.schedules)
+    for k, v in values.items():
+        if k in sch:
+            if not isinstance(v, Schedule):
+                raise TypeError(
+                    f"`{k}` follows a schedule ({sch[k]!r}); pass a Schedule of the same kind, "
+                    f"not {v!r} (a constant would change the compiled program: use schedules.constant "
+                    "when building the optimizer if you want to switch between them)"
+                )
+            if jax.tree_util.tree_structure(v) != jax.tree_util.tree_structure(sch[k]):
+                raise ValueError(f"the new schedule for `{k}` ({v!r}) has a different structure from {sch[k]!r}")
+            sch[k] = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), v, sch[k])
+            hp[k] = jnp.asarray(sch[k](jnp.maximum(s.count - 1, 0)), jnp.float32)
+        elif k in hp:
+            if isinstance(v, Schedule) or callable(v):
+                raise TypeError(f"`{k}` was built as a number; it cannot be replaced by a schedule without recompiling")
+            old = hp[k]
+            new = _as_hparam(k, v)
+            try:
+                new = jnp.broadcast_to(new.astype(old.dtype), old.shape)
+            except ValueError as e:
+                raise ValueError(f"`{k}` has shape {old.shape}; cannot set it to a value of shape {new.shape}") from e
+            hp[k] = new
+    return s._replace(hyperparams=hp, schedules=sch)

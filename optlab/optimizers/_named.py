@@ -1,0 +1,336 @@
+"""The named optimizers: short chains of building blocks with their hyperparameters in the state.
+
+Each function validates its (concrete) arguments, then hands a ``build``
+function and the numeric hyperparameters to `with_hyperparams`, which keeps
+them in the optimizer state as data (see ``optlab/_hparams.py``). A literal
+``0`` for an optional feature (weight decay, momentum) compiles it out; pass an
+array to keep it in and make it settable. Defaults are PyTorch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optlab import _checks
+from optlab._base import GradientTransformationExtraArgs, chain, identity
+from optlab._hparams import with_hyperparams
+from optlab.transforms import _adaptive, _momentum, _scaling
+
+ScalarOrSchedule = Any
+
+
+def _off(value):
+    """None (compiled out) for a literal zero, else the value itself."""
+    return None if _checks.is_zero(value) else value
+
+
+def _check_lr(learning_rate):
+    if not callable(learning_rate):
+        _checks.check_nonnegative("learning_rate", learning_rate)
+
+
+def _negate():
+    return _scaling.scale(-1.0)
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> GradientTransformationExtraArgs:
+    """Stochastic gradient descent with optional momentum, as ``torch.optim.SGD``.
+
+    .. math::
+        g_t \\leftarrow \\pm g_t + \\lambda w_{t-1}, \\quad
+        b_t = \\mu b_{t-1} + (1-\\tau) g_t \\;(b_1 = g_1), \\quad
+        w_t = w_{t-1} - \\eta \\,(g_t + \\mu b_t \\text{ if nesterov else } b_t)
+
+    Robbins & Monro (1951); momentum Polyak (1964); Nesterov in the form of
+    Sutskever et al. (2013). ``maximize`` ascends instead.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optlab
+      >>> opt = optlab.sgd(0.1, momentum=0.9)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> params = optlab.apply_updates(params, updates)
+    """
+    _check_lr(learning_rate)
+    _checks.check_range("momentum", momentum, 0.0, 1.0)
+    _checks.check_range("dampening", dampening, 0.0, 1.0)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+    if nesterov:
+        m, d = _checks.concrete(momentum), _checks.concrete(dampening)
+        if (m is not None and (m <= 0).any()) or (d is not None and (d != 0).any()):
+            raise ValueError(
+                f"nesterov momentum requires a momentum > 0 and zero dampening, got `momentum` (={momentum!r}),"
+                f" `dampening` (={dampening!r})"
+            )
+
+    def build(learning_rate, momentum=None, dampening=None, weight_decay=None):
+        return chain(
+            _negate() if maximize else identity(),
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _momentum.trace(momentum, 0.0 if dampening is None else dampening, nesterov)
+            if momentum is not None
+            else identity(),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    mom = _off(momentum)
+    return with_hyperparams(
+        build,
+        learning_rate=learning_rate,
+        momentum=mom,
+        dampening=None if mom is None else _off(dampening),
+        weight_decay=_off(weight_decay),
+    )
+
+
+def classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+    """Classical momentum, learning rate inside the velocity: ``v = mu*v - lr*g; w += v``.
+
+    Goodfellow, Bengio & Courville (2016), Algorithm 8.2. Equals
+    ``sgd(lr, momentum)`` for a constant learning rate (PyTorch's buffer is
+    ``-v / lr``); they differ when the learning rate changes during training.
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("momentum", momentum)
+    return with_hyperparams(
+        lambda learning_rate, momentum: _momentum.scale_by_classical_momentum(learning_rate, momentum),
+        learning_rate=learning_rate,
+        momentum=momentum,
+    )
+
+
+def nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+    """Nesterov momentum (Goodfellow et al. 2016, Alg. 8.3; Sutskever et al. 2013), reparametrised.
+
+    ``v = mu*v - lr*g(w); w += -mu*v_prev + (1+mu)*v``: the stored parameters
+    are the look-ahead points, so one gradient per step suffices. See
+    `optlab.transforms.scale_by_nesterov_momentum` for the derivation.
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("momentum", momentum)
+    return with_hyperparams(
+        lambda learning_rate, momentum: _momentum.scale_by_nesterov_momentum(learning_rate, momentum),
+        learning_rate=learning_rate,
+        momentum=momentum,
+    )
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    lr_decay=0.0,
+    weight_decay=0.0,
+    initial_accumulator_value=0.0,
+    eps=1e-10,
+) -> GradientTransformationExtraArgs:
+    """AdaGrad (Duchi, Hazan & Singer, 2011), as ``torch.optim.Adagrad``.
+
+    .. math:: s_t = s_{t-1} + g_t^2, \\quad w_t = w_{t-1} - \\frac{\\eta}{1 + (t-1)\\,\\eta_{decay}} \\frac{g_t}{\\sqrt{s_t} + \\epsilon}
+    """
+    _check_lr(learning_rate)
+    _checks.check_nonnegative("lr_decay", lr_decay)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    _checks.check_nonnegative("eps", eps)
+
+    def build(learning_rate, lr_decay, initial_accumulator_value, eps, weight_decay=None):
+        return chain(
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _adaptive.scale_by_adagrad(initial_accumulator_value, eps, lr_decay),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    return with_hyperparams(
+        build,
+        learning_rate=learning_rate,
+        lr_decay=lr_decay,
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+        weight_decay=_off(weight_decay),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule = 1e-2,
+    alpha=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    momentum=0.0,
+    centered: bool = False,
+    eps_in_sqrt: bool = False,
+) -> GradientTransformationExtraArgs:
+    """RMSProp (Tieleman & Hinton, 2012), as ``torch.optim.RMSprop``.
+
+    .. math::
+        r_t = \\alpha r_{t-1} + (1-\\alpha) g_t^2, \\quad
+        b_t = \\mu b_{t-1} + \\frac{g_t}{\\sqrt{r_t} + \\epsilon}, \\quad w_t = w_{t-1} - \\eta b_t
+
+    (without momentum, :math:`b_t` is the fraction itself). ``centered``
+    subtracts the squared mean gradient (Graves, 2013); ``eps_in_sqrt=True``
+    uses :math:`\\sqrt{\\epsilon + r_t}`, Goodfellow et al. (2016) Algorithm 8.5.
+    RMSProp with momentum (Alg. 8.6 in spirit) is ``rmsprop(momentum=0.9)``.
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("alpha", alpha)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_probability("momentum", momentum)
+
+    def build(learning_rate, alpha, eps, weight_decay=None, momentum=None):
+        return chain(
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _adaptive.scale_by_rms(alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt),
+            _momentum.trace(momentum) if momentum is not None else identity(),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    return with_hyperparams(
+        build,
+        learning_rate=learning_rate,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=_off(weight_decay),
+        momentum=_off(momentum),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad: bool = False,
+    bias_correction: bool = True,
+    *,
+    mu_dtype=None,
+) -> GradientTransformationExtraArgs:
+    """Adam (Kingma & Ba, 2015) with coupled L2 weight decay, as ``torch.optim.Adam``.
+
+    .. math::
+        g_t \\leftarrow g_t + \\lambda w_{t-1}, \\quad
+        w_t = w_{t-1} - \\eta \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t)} + \\epsilon}
+
+    ``bias_correction=False`` is the lectures' Adam without bias correction;
+    ``amsgrad=True`` is AMSGrad (Reddi et al., 2018) as PyTorch implements it.
+    ``mu_dtype`` sets the moments' dtype (float32 moments for bfloat16 weights).
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("b1", b1)
+    _checks.check_probability("b2", b2)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+
+    def build(learning_rate, b1, b2, eps, weight_decay=None):
+        return chain(
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _adaptive.scale_by_adam(b1, b2, eps, bias_correction=bias_correction, amsgrad=amsgrad, mu_dtype=mu_dtype),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    amsgrad: bool = False,
+    *,
+    mu_dtype=None,
+) -> GradientTransformationExtraArgs:
+    """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
+
+    .. math:: w_t = w_{t-1} - \\eta \\Big(\\frac{\\hat m_t}{\\sqrt{\\hat v_t} + \\epsilon} + \\lambda w_{t-1}\\Big)
+
+    The decay is scaled by the learning rate (and its schedule), as in PyTorch.
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("b1", b1)
+    _checks.check_probability("b2", b2)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+
+    def build(learning_rate, b1, b2, eps, weight_decay=None):
+        return chain(
+            _adaptive.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype),
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
+
+
+def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0) -> GradientTransformationExtraArgs:
+    """AdaDelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
+
+    .. math::
+        r_t = \\rho r_{t-1} + (1-\\rho) g_t^2, \\quad
+        \\Delta_t = \\frac{\\sqrt{a_{t-1}+\\epsilon}}{\\sqrt{r_t+\\epsilon}} g_t, \\quad
+        a_t = \\rho a_{t-1} + (1-\\rho)\\Delta_t^2, \\quad w_t = w_{t-1} - \\eta \\Delta_t
+    """
+    _check_lr(learning_rate)
+    _checks.check_probability("rho", rho)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_nonnegative("weight_decay", weight_decay)
+
+    def build(learning_rate, rho, eps, weight_decay=None):
+        return chain(
+            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+            _adaptive.scale_by_adadelta(rho, eps),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    return with_hyperparams(build, learning_rate=learning_rate, rho=rho, eps=eps, weight_decay=_off(weight_decay))
+
+
+def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> GradientTransformationExtraArgs:
+    """Rprop (Riedmiller & Braun, 1993), as ``torch.optim.Rprop``: steps on the first call.
+
+    ``learning_rate`` is the initial per-weight step size; after that each
+    weight's step grows by ``etas[1]`` while its gradient keeps its sign and
+    shrinks by ``etas[0]`` when it flips, within ``step_sizes``. Meant for
+    full-batch training. See `optlab.transforms.scale_by_rprop`.
+    """
+    if len(etas) != 2 or len(step_sizes) != 2:
+        raise ValueError(f"`etas` (={etas!r}) and `step_sizes` (={step_sizes!r}) must be pairs")
+    _checks.check_positive("learning_rate", learning_rate)
+
+    def build(learning_rate, etas, step_sizes):
+        return _adaptive.scale_by_rprop(learning_rate, (etas[0], etas[1]), (step_sizes[0], step_sizes[1]))
+
+    _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)  # validates the pairs' values
+    return with_hyperparams(build, learning_rate=learning_rate, etas=etas, step_sizes=step_sizes)
+
+
+def adaptive_gains(
+    learning_rate: ScalarOrSchedule, increase=0.05, decrease=0.05, min_gain=0.01, max_gain=100.0
+) -> GradientTransformationExtraArgs:
+    """SGD with per-weight adaptive gains (Hinton's lectures, 6.4; Jacobs, 1988).
+
+    ``gain += increase`` when a weight's gradient keeps its sign,
+    ``gain *= 1 - decrease`` when it flips, clipped to ``[min_gain, max_gain]``;
+    ``w -= lr * gain * g``.
+    """
+    _check_lr(learning_rate)
+
+    def build(learning_rate, increase, decrease, min_gain, max_gain):
+        return chain(
+            _adaptive.scale_by_adaptive_gains(increase, decrease, min_gain, max_gain),
+            _scaling.scale_by_learning_rate(learning_rate),
+        )
+
+    _adaptive.scale_by_adaptive_gains(increase, decrease, min_gain, max_gain)  # validates
+    return with_hyperparams(
+        build, learning_rate=learning_rate, increase=increase, decrease=decrease, min_gain=min_gain, max_gain=max_gain
+    )

@@ -1,0 +1,305 @@
+"""Per-coordinate adaptive preconditioners: AdaGrad, RMSProp, Adam, AdaDelta, Rprop, adaptive gains.
+
+Each block turns gradients into a step *direction* (learning rate applied
+later by `scale_by_learning_rate`), except Rprop whose step sizes are its
+own state. Formulas follow PyTorch's single-tensor code paths operation by
+operation so that trajectories agree to float32 round-off.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optlab import _checks
+from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment
+
+
+def _map(fn, *trees):
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+def _zeros(params, dtype=None):
+    return _map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
+
+
+# --- AdaGrad ---------------------------------------------------------------------------------
+
+
+class AdagradState(NamedTuple):
+    count: jax.Array
+    sum_of_squares: Any
+
+
+def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> GradientTransformationExtraArgs:
+    """AdaGrad's direction (Duchi, Hazan & Singer, 2011, JMLR 12).
+
+    .. math:: s_t = s_{t-1} + g_t^2, \\qquad u_t = \\frac{g_t}{(\\sqrt{s_t} + \\epsilon)(1 + (t-1)\\,\\eta_{decay})}
+
+    with :math:`s_0` = ``initial_accumulator_value``, as ``torch.optim.Adagrad``
+    (whose ``lr_decay`` divides the learning rate; folded in here).
+    """
+    _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_nonnegative("lr_decay", lr_decay)
+
+    def init_fn(params):
+        return AdagradState(jnp.zeros([], count_dtype()), _zeros(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        first = state.count == 0
+        # The accumulator takes its initial value on the first update, so a changed
+        # `initial_accumulator_value` (set_hyperparams before training) is honoured.
+        s = _map(lambda s, g: jnp.where(first, initial_accumulator_value, s) + g * g, state.sum_of_squares, updates)
+        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
+        out = _map(lambda g, s: (g / (jnp.sqrt(s) + eps) / decay).astype(g.dtype), updates, s)
+        return out, AdagradState(safe_increment(state.count), s)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- RMSProp ---------------------------------------------------------------------------------
+
+
+class RmsState(NamedTuple):
+    count: jax.Array
+    square_avg: Any
+    grad_avg: Any  # () unless centered
+
+
+def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool = False) -> GradientTransformationExtraArgs:
+    """RMSProp's direction (Tieleman & Hinton, 2012, Lecture 6.5).
+
+    .. math:: r_t = \\alpha r_{t-1} + (1-\\alpha) g_t^2, \\qquad u_t = \\frac{g_t}{\\sqrt{r_t} + \\epsilon}
+
+    ``centered=True`` (Graves, 2013) also tracks :math:`m_t = \\alpha m_{t-1} +
+    (1-\\alpha) g_t` and divides by :math:`\\sqrt{r_t - m_t^2} + \\epsilon`.
+    ``eps_in_sqrt=True`` divides by :math:`\\sqrt{\\epsilon + r_t}` instead,
+    Goodfellow et al. (2016) Algorithm 8.5. The default matches ``torch.optim.RMSprop``.
+    """
+    _checks.check_probability("alpha", alpha)
+    _checks.check_nonnegative("eps", eps)
+
+    def init_fn(params):
+        return RmsState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params) if centered else ())
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        sq = _map(lambda r, g: alpha * r + (1 - alpha) * (g * g), state.square_avg, updates)
+        if centered:
+            ga = _map(lambda m, g: m + (1 - alpha) * (g - m), state.grad_avg, updates)
+            var = _map(lambda r, m: r - m * m, sq, ga)
+        else:
+            ga, var = (), sq
+        if eps_in_sqrt:
+            out = _map(lambda g, v: (g / jnp.sqrt(v + eps)).astype(g.dtype), updates, var)
+        else:
+            out = _map(lambda g, v: (g / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, var)
+        return out, RmsState(safe_increment(state.count), sq, ga)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- Adam ------------------------------------------------------------------------------------
+
+
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any  # () unless amsgrad
+
+
+def scale_by_adam(
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    *,
+    bias_correction: bool = True,
+    amsgrad: bool = False,
+    mu_dtype=None,
+) -> GradientTransformationExtraArgs:
+    """Adam's direction (Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization").
+
+    .. math::
+        m_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\quad
+        v_t = \\beta_2 v_{t-1} + (1-\\beta_2) g_t^2, \\quad
+        u_t = \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t} / \\sqrt{1-\\beta_2^t} + \\epsilon}
+
+    ``bias_correction=False`` drops both :math:`1-\\beta^t` factors (the
+    lectures' "Adam without bias correction"). ``amsgrad=True`` (Reddi, Kale &
+    Kumar, 2018) uses :math:`\\hat v_t = \\max(\\hat v_{t-1}, v_t)` in the
+    denominator, keeping the maximum of the *uncorrected* second moment as
+    ``torch.optim.Adam`` does. ``mu_dtype`` sets the dtype of both moments
+    (e.g. float32 moments for bfloat16 parameters).
+    """
+    _checks.check_probability("b1", b1)
+    _checks.check_probability("b2", b2)
+    _checks.check_nonnegative("eps", eps)
+
+    def init_fn(params):
+        return AdamState(
+            jnp.zeros([], count_dtype()),
+            _zeros(params, mu_dtype),
+            _zeros(params, mu_dtype),
+            _zeros(params, mu_dtype) if amsgrad else (),
+        )
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        # m + (1 - b1) (g - m) is how PyTorch updates the first moment (lerp).
+        mu = _map(lambda m, g: (m + (1 - b1) * (g - m)).astype(m.dtype), state.mu, updates)
+        nu = _map(lambda v, g: (b2 * v + (1 - b2) * (g * g)).astype(v.dtype), state.nu, updates)
+        nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
+        denom_v = nu_max if amsgrad else nu
+        if bias_correction:
+            t = safe_increment(state.count).astype(jnp.float32)
+            bc1 = 1 - b1**t
+            bc2_sqrt = jnp.sqrt(1 - b2**t)
+            out = _map(lambda g, m, v: ((m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)).astype(g.dtype), updates, mu, denom_v)
+        else:
+            out = _map(lambda g, m, v: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, mu, denom_v)
+        return out, AdamState(safe_increment(state.count), mu, nu, nu_max)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- AdaDelta --------------------------------------------------------------------------------
+
+
+class AdadeltaState(NamedTuple):
+    count: jax.Array
+    square_avg: Any
+    acc_delta: Any
+
+
+def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
+    """AdaDelta's direction (Zeiler, 2012, "ADADELTA: An Adaptive Learning Rate Method").
+
+    .. math::
+        r_t = \\rho r_{t-1} + (1-\\rho) g_t^2, \\quad
+        \\Delta_t = \\frac{\\sqrt{a_{t-1} + \\epsilon}}{\\sqrt{r_t + \\epsilon}} g_t, \\quad
+        a_t = \\rho a_{t-1} + (1-\\rho) \\Delta_t^2
+
+    The learning rate (``torch.optim.Adadelta``'s, default 1.0) multiplies
+    :math:`\\Delta_t` afterwards.
+    """
+    _checks.check_probability("rho", rho)
+    _checks.check_nonnegative("eps", eps)
+
+    def init_fn(params):
+        return AdadeltaState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        sq = _map(lambda r, g: rho * r + (1 - rho) * (g * g), state.square_avg, updates)
+        delta = _map(lambda a, r, g: jnp.sqrt(a + eps) / jnp.sqrt(r + eps) * g, state.acc_delta, sq, updates)
+        acc = _map(lambda a, d: rho * a + (1 - rho) * (d * d), state.acc_delta, delta)
+        out = _map(lambda d, g: d.astype(g.dtype), delta, updates)
+        return out, AdadeltaState(safe_increment(state.count), sq, acc)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- Rprop -----------------------------------------------------------------------------------
+
+
+class RpropState(NamedTuple):
+    count: jax.Array
+    prev_grad: Any
+    step_size: Any
+
+
+def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> GradientTransformationExtraArgs:
+    """Resilient backpropagation (Riedmiller & Braun, 1993), as ``torch.optim.Rprop``.
+
+    Each weight keeps its own step size :math:`\\Delta`, started at ``learning_rate``:
+
+    .. math::
+        \\Delta_t = \\operatorname{clip}(\\Delta_{t-1} \\cdot \\begin{cases}
+        \\eta^+ & g_t g_{t-1} > 0 \\\\ \\eta^- & g_t g_{t-1} < 0 \\\\ 1 & \\text{else}\\end{cases},
+        \\Delta_{min}, \\Delta_{max}), \\qquad u_t = -\\operatorname{sign}(g_t) \\Delta_t
+
+    and after a sign change the gradient is forgotten (no step, and the next
+    comparison sees zero). The emitted update is final (already negative):
+    do not follow this block by a learning rate.
+    """
+    _checks.check_positive("learning_rate", learning_rate)
+    eta_minus, eta_plus = etas
+    step_min, step_max = step_sizes
+    _checks.check_range("etas[0]", eta_minus, 0.0, 1.0, lo_open=True, hi_open=True)
+    _checks.check_range("etas[1]", eta_plus, 1.0, float("inf"), lo_open=True)
+    _checks.check_nonnegative("step_sizes[0]", step_min)
+    _checks.check_positive("step_sizes[1]", step_max)
+
+    def init_fn(params):
+        return RpropState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        first = state.count == 0
+
+        def new_step(g, prev, step):
+            step = jnp.where(first, jnp.asarray(learning_rate, step.dtype), step)
+            prod = g * prev
+            factor = jnp.where(prod > 0, eta_plus, jnp.where(prod < 0, eta_minus, 1.0))
+            return jnp.clip(step * factor, step_min, step_max).astype(step.dtype)
+
+        step = _map(new_step, updates, state.prev_grad, state.step_size)
+        # After a sign change the gradient is zeroed: no step now, no comparison next time.
+        prev = _map(lambda g, p: jnp.where(g * p < 0, 0.0, g).astype(p.dtype), updates, state.prev_grad)
+        u = _map(lambda g, st, orig: (-jnp.sign(g) * st).astype(orig.dtype), prev, step, updates)
+        return u, RpropState(safe_increment(state.count), prev, step)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- adaptive per-weight gains ---------------------------------------------------------------
+
+
+class GainsState(NamedTuple):
+    count: jax.Array
+    gains: Any
+    prev_grad: Any
+
+
+def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gain=100.0) -> GradientTransformationExtraArgs:
+    """Per-weight adaptive gains (Hinton, Neural Networks for Machine Learning, Lecture 6.4; Jacobs, 1988).
+
+    .. math::
+        \\gamma_t = \\operatorname{clip}\\Big(\\begin{cases} \\gamma_{t-1} + \\kappa & g_t g_{t-1} > 0 \\\\
+        \\gamma_{t-1} (1 - \\phi) & g_t g_{t-1} < 0 \\\\ \\gamma_{t-1} & \\text{else}\\end{cases},
+        \\gamma_{min}, \\gamma_{max}\\Big), \\qquad u_t = \\gamma_t g_t
+
+    Gains start at 1; at the first step (no previous gradient) they are kept.
+    Additive increase and multiplicative decrease make big gains collapse fast
+    when oscillation starts.
+    """
+    _checks.check_nonnegative("increase", increase)
+    _checks.check_range("decrease", decrease, 0.0, 1.0, hi_open=True)
+    _checks.check_positive("min_gain", min_gain)
+    _checks.check_positive("max_gain", max_gain)
+    a, b = _checks.concrete(min_gain), _checks.concrete(max_gain)
+    if a is not None and b is not None and (a > b).any():
+        raise ValueError(f"`min_gain` (={min_gain!r}) must not exceed `max_gain` (={max_gain!r})")
+
+    def init_fn(params):
+        return GainsState(jnp.zeros([], count_dtype()), _map(jnp.ones_like, params), _zeros(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+
+        def gain(g, prev, k):
+            prod = g * prev
+            k = jnp.where(prod > 0, k + increase, jnp.where(prod < 0, k * (1 - decrease), k))
+            return jnp.clip(k, min_gain, max_gain).astype(prev.dtype)
+
+        gains = _map(gain, updates, state.prev_grad, state.gains)
+        out = _map(lambda g, k: (k * g).astype(g.dtype), updates, gains)
+        prev = _map(lambda g, p: g.astype(p.dtype), updates, state.prev_grad)
+        return out, GainsState(safe_increment(state.count), gains, prev)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)

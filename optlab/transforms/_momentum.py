@@ -1,0 +1,141 @@
+"""Momentum: PyTorch's buffer form, the classical velocity form, and Nesterov's."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optlab import _checks
+from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment
+
+ScalarOrSchedule = Any
+
+
+def _map(fn, *trees):
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+class TraceState(NamedTuple):
+    count: jax.Array
+    momentum_buffer: Any
+
+
+def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=None) -> GradientTransformationExtraArgs:
+    """Momentum as ``torch.optim.SGD`` keeps it (lr applied afterwards).
+
+    .. math::
+        b_1 = g_1, \\qquad b_t = \\mu b_{t-1} + (1 - \\tau) g_t, \\qquad
+        u_t = \\begin{cases} g_t + \\mu b_t & \\text{nesterov} \\\\ b_t & \\text{otherwise}\\end{cases}
+
+    with momentum :math:`\\mu` and dampening :math:`\\tau`; the buffer starts as
+    the first gradient, undamped, as in PyTorch. With :math:`\\mu = 0`
+    dampening is ignored (PyTorch keeps no buffer then). Nesterov's form here
+    is Sutskever et al. (2013) as PyTorch rewrites it.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.chain(optlab.trace(0.9), optlab.scale_by_learning_rate(0.1))
+      >>> state = tx.init({"w": jnp.ones(2)})
+    """
+    _checks.check_range("momentum", momentum, 0.0, 1.0)
+    _checks.check_range("dampening", dampening, 0.0, 1.0)
+    if nesterov and not _checks.is_traced(dampening):
+        arr = _checks.concrete(dampening)
+        if arr is not None and (arr != 0).any():
+            raise ValueError(f"nesterov momentum requires zero dampening, got `dampening` (={dampening!r})")
+
+    def init_fn(params):
+        return TraceState(jnp.zeros([], count_dtype()), _map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype), params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        first = state.count == 0
+        damp = jnp.where(momentum == 0, 0.0, dampening)
+
+        def new_buf(g, b):
+            return jnp.where(first, g, momentum * b + (1 - damp) * g).astype(b.dtype)
+
+        buf = _map(new_buf, updates, state.momentum_buffer)
+        if nesterov:
+            out = _map(lambda g, b: (g + momentum * b).astype(g.dtype), updates, buf)
+        else:
+            out = _map(lambda g, b: b.astype(g.dtype), updates, buf)
+        return out, TraceState(safe_increment(state.count), buf)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class VelocityState(NamedTuple):
+    count: jax.Array
+    velocity: Any
+
+
+def _lr_at(learning_rate, count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+    """Classical momentum with the learning rate inside the velocity.
+
+    .. math:: v_t = \\mu v_{t-1} - \\epsilon g_t, \\qquad w_t = w_{t-1} + v_t
+
+    Goodfellow, Bengio & Courville (2016), *Deep Learning*, Algorithm 8.2
+    (Polyak, 1964). The emitted update is :math:`v_t` itself. Unlike PyTorch's
+    form, changing :math:`\\epsilon` mid-run leaves the velocity already built
+    untouched.
+    """
+    if not callable(learning_rate):
+        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_probability("momentum", momentum)
+
+    def init_fn(params):
+        return VelocityState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        lr = _lr_at(learning_rate, state.count)
+        v = _map(lambda g, v: (momentum * v - lr * g).astype(v.dtype), updates, state.velocity)
+        return _map(lambda v, g: v.astype(g.dtype), v, updates), VelocityState(safe_increment(state.count), v)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+    """Nesterov's accelerated gradient, reparametrised so it needs one gradient per step.
+
+    The look-ahead form (Goodfellow et al. 2016, Algorithm 8.3; Sutskever et
+    al. 2013, "On the importance of initialization and momentum in deep
+    learning") evaluates the gradient at :math:`w + \\mu v`:
+
+    .. math:: v_t = \\mu v_{t-1} - \\epsilon \\nabla f(w_{t-1} + \\mu v_{t-1}), \\qquad w_t = w_{t-1} + v_t.
+
+    Storing the look-ahead point :math:`\\tilde w = w + \\mu v` as the
+    parameters instead, the gradient is taken at the stored point and
+
+    .. math:: v_t = \\mu v_{t-1} - \\epsilon \\nabla f(\\tilde w_{t-1}), \\qquad
+              \\tilde w_t = \\tilde w_{t-1} - \\mu v_{t-1} + (1 + \\mu) v_t.
+
+    Both produce the same sequence of points, :math:`\\tilde w_t = w_t + \\mu v_t`
+    (tested in ``tests/test_optimizers.py``). The parameters a user holds are
+    therefore the look-ahead points, which is what the next gradient is
+    evaluated at.
+    """
+    if not callable(learning_rate):
+        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_probability("momentum", momentum)
+
+    def init_fn(params):
+        return VelocityState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params, extra
+        lr = _lr_at(learning_rate, state.count)
+        v_new = _map(lambda g, v: (momentum * v - lr * g).astype(v.dtype), updates, state.velocity)
+        out = _map(
+            lambda v0, v1, g: (-momentum * v0 + (1 + momentum) * v1).astype(g.dtype), state.velocity, v_new, updates
+        )
+        return out, VelocityState(safe_increment(state.count), v_new)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,259 @@
+"""Transforms that wrap other transforms: skipping bad steps, accumulation, EMA, parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optlab import _checks
+from optlab._base import (
+    EmptyState,
+    GradientTransformationExtraArgs,
+    all_finite,
+    count_dtype,
+    safe_increment,
+    with_extra_args_support,
+)
+
+
+def _map(fn, *trees, **kw):
+    return jax.tree_util.tree_map(fn, *trees, **kw)
+
+
+def _select(pred, a, b):
+    """Tree-wise ``a if pred else b`` without a branch (both sides are computed)."""
+    return _map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+# --- skip non-finite updates -----------------------------------------------------------------
+
+
+class SkipNonFiniteState(NamedTuple):
+    count: jax.Array  # updates seen
+    consecutive_skips: jax.Array
+    total_skips: jax.Array
+    inner_state: Any
+
+
+def skip_nonfinite(inner, max_consecutive_skips: int | None = None) -> GradientTransformationExtraArgs:
+    """Apply ``inner`` only when its result is finite; otherwise emit zeros and keep the old state.
+
+    A NaN or inf in the incoming gradients or in the inner update makes the
+    step a no-op: parameters and the inner state (moments, counters) are left
+    exactly as they were, and ``total_skips`` / ``consecutive_skips`` count it.
+    With ``max_consecutive_skips`` set, the wrapper stops skipping after that
+    many bad steps in a row and lets the non-finite values through, so a
+    diverged run shows up instead of silently standing still.
+    """
+    inner = with_extra_args_support(inner)
+    if max_consecutive_skips is not None:
+        _checks.check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
+
+    def init_fn(params):
+        z = jnp.zeros([], count_dtype())
+        return SkipNonFiniteState(z, z, z, inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        ok = all_finite(updates) & all_finite(new_updates)
+        if max_consecutive_skips is not None:
+            ok = ok | (state.consecutive_skips >= max_consecutive_skips)
+        out = _map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
+        kept_inner = _select(ok, new_inner, state.inner_state)
+        skipped = jnp.logical_not(ok).astype(count_dtype())
+        return out, SkipNonFiniteState(
+            safe_increment(state.count),
+            jnp.where(ok, 0, state.consecutive_skips + 1).astype(count_dtype()),
+            state.total_skips + skipped,
+            kept_inner,
+        )
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- gradient accumulation -------------------------------------------------------------------
+
+
+class AccumulateState(NamedTuple):
+    count: jax.Array  # micro-steps seen
+    grad_sum: Any
+    inner_state: Any
+
+
+def accumulate_gradients(inner, every_k: int) -> GradientTransformationExtraArgs:
+    """Average gradients over ``every_k`` calls, then apply ``inner`` once.
+
+    Calls 1..k-1 of each group emit zero updates and leave ``inner``'s state
+    alone; call k feeds the mean gradient to ``inner``. With a batch split in
+    k micro-batches this equals one step on the full batch (for a loss that is
+    a mean over examples). ``every_k=1`` is ``inner`` itself.
+    """
+    _checks.check_int("every_k", every_k, minimum=1)
+    inner = with_extra_args_support(inner)
+
+    def init_fn(params):
+        return AccumulateState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra):
+        total = _map(lambda s, g: s + g, state.grad_sum, updates)
+        last = (state.count % every_k) == every_k - 1
+
+        def apply(_):
+            mean = _map(lambda s: s / every_k, total)
+            u, s = inner.update(mean, state.inner_state, params, **extra)
+            return u, s, _map(jnp.zeros_like, total)
+
+        def hold(_):
+            return _map(jnp.zeros_like, updates), state.inner_state, total
+
+        u, s, acc = jax.lax.cond(last, apply, hold, None)
+        return u, AccumulateState(safe_increment(state.count), acc, s)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- exponential moving average of parameters ------------------------------------------------
+
+
+class EmaState(NamedTuple):
+    count: jax.Array
+    ema: Any
+
+
+def ema_params(decay=0.999) -> GradientTransformationExtraArgs:
+    """Track an exponential moving average of the parameters *after* each update, for evaluation.
+
+    .. math:: \\bar w_t = \\beta \\bar w_{t-1} + (1 - \\beta) w_t, \\qquad \\bar w_0 = w_0
+
+    (Polyak & Juditsky, 1992, averaging in its exponential form.) Put it last
+    in a chain: it passes updates through unchanged and reads
+    ``params + updates``. Starting from the initial weights (rather than zero)
+    needs no bias correction. Read the average with `optlab.ema_of(state)`.
+    """
+    _checks.check_probability("decay", decay)
+
+    def init_fn(params):
+        return EmaState(jnp.zeros([], count_dtype()), _map(lambda p: jnp.array(p, copy=True), params))
+
+    def update_fn(updates, state, params=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("ema_params needs `params` in update(updates, state, params)")
+        new_params = _map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        ema = _map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state.ema, new_params)
+        return updates, EmaState(safe_increment(state.count), ema)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ema_of(state):
+    """The parameter average held by the `ema_params` found in ``state``."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, EmaState):
+            found.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (tuple, list)):
+            for v in node:
+                walk(v)
+
+    walk(state)
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one ema_params state in this optimizer state, found {len(found)}")
+    return found[0].ema
+
+
+# --- parameter groups ------------------------------------------------------------------------
+
+
+class PartitionState(NamedTuple):
+    inner_states: dict
+
+
+class _Masked(NamedTuple):
+    """Placeholder for a leaf owned by another group (keeps tree structure, holds no data)."""
+
+
+def _labels_for(labels, params):
+    tree = labels(params) if callable(labels) else labels
+    return tree
+
+
+def partition(transforms: Mapping[str, Any], labels) -> GradientTransformationExtraArgs:
+    """Parameter groups: a different transform (and hyperparameters) for each labelled subset.
+
+    ``labels`` is a pytree of strings with the structure of the parameters, or
+    a function ``params -> labels``; each leaf goes to ``transforms[label]``.
+    Each group's transform sees only its own leaves (the others are masked
+    out), so its state holds nothing for them. This is PyTorch's
+    ``param_groups``; use `weight_decay_labels` for the usual "no weight decay
+    on biases and normalisation scales" split. Works with plain dicts and with
+    ``flax.nnx.State``.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+      >>> tx = optlab.partition(
+      ...     {"decay": optlab.adamw(1e-3, weight_decay=0.1), "no_decay": optlab.adam(1e-3)},
+      ...     optlab.weight_decay_labels)
+      >>> state = tx.init(params)
+    """
+    if not transforms:
+        raise ValueError("partition() needs at least one group")
+    txs = {k: with_extra_args_support(t) for k, t in transforms.items()}
+
+    def group_view(tree, label_tree, label):
+        return _map(lambda x, lab: x if lab == label else _Masked(), tree, label_tree)
+
+    def check_labels(label_tree):
+        seen = set(jax.tree_util.tree_leaves(label_tree))
+        unknown = seen - set(txs)
+        if unknown:
+            raise ValueError(f"labels {sorted(map(str, unknown))} have no transform; groups are {sorted(txs)}")
+
+    def init_fn(params):
+        label_tree = _labels_for(labels, params)
+        check_labels(label_tree)
+        return PartitionState({k: t.init(group_view(params, label_tree, k)) for k, t in txs.items()})
+
+    def update_fn(updates, state, params=None, **extra):
+        label_tree = _labels_for(labels, updates if params is None else params)
+        check_labels(label_tree)
+        new_states = {}
+        out = updates
+        for k, t in txs.items():
+            g = group_view(updates, label_tree, k)
+            p = None if params is None else group_view(params, label_tree, k)
+            u, new_states[k] = t.update(g, state.inner_states[k], p, **extra)
+            out = _map(lambda o, uu, lab: uu if lab == k else o, out, u, label_tree, is_leaf=lambda x: isinstance(x, _Masked))
+        return out, PartitionState(new_states)
+
+    return GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+jax.tree_util.register_pytree_node(_Masked, lambda m: ((), None), lambda aux, ch: _Masked())
+
+
+def weight_decay_labels(params, decay: str = "decay", no_decay: str = "no_decay"):
+    """Label every leaf with ``ndim >= 2`` (kernels) ``decay`` and the rest ``no_decay``.
+
+    Biases, BatchNorm/LayerNorm scales and offsets are vectors, so they land
+    in ``no_decay``: the usual recipe of not regularising them.
+    """
+    return _map(lambda p: decay if jnp.ndim(p) >= 2 else no_decay, params)
+
+
+def masked(inner, mask) -> GradientTransformationExtraArgs:
+    """Apply ``inner`` where ``mask`` (pytree of bools or ``params -> bools``) is True; pass the rest through."""
+    def labels(params):
+        m = mask(params) if callable(mask) else mask
+        return _map(lambda b: "on" if b else "off", m)
+
+    from optlab._base import identity
+
+    return partition({"on": inner, "off": identity()}, labels)
