@@ -1,0 +1,114 @@
+"""The ``optlab`` command: train, eval, lr-find, plot.
+
+A thin layer: argument parsing here, all logic in importable functions
+(`optlab.train.fit`, `optlab.train.lr_find`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from optlab import config as _config
+
+
+def _load(config_path: str | None, overrides: list[str]) -> tuple[dict, str]:
+    if config_path is None:
+        cfg, hint = _config.default_config(), "digits_mlp"
+    else:
+        cfg, hint = _config.load_config_file(config_path), pathlib.Path(config_path).stem
+    return _config.resolve(_config.apply_overrides(cfg, overrides)), hint
+
+
+def cmd_train(args) -> int:
+    from optlab.train import DivergenceError, fit
+
+    if args.resume:
+        run_dir = pathlib.Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            print(f"error: {run_dir} is not a run folder (no config.json)", file=sys.stderr)
+            return 2
+        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = _config.resolve(_config.apply_overrides(cfg, args.set))
+        hint = None
+    else:
+        cfg, hint = _load(args.config, args.set)
+        run_dir = None
+    try:
+        result = fit(cfg, run_dir=run_dir, resume=bool(args.resume), name_hint=hint)
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    final = result["final"]
+    print(f"run folder: {result['run_dir']}")
+    print(f"final test accuracy {final.get('test_accuracy', float('nan')):.4f}, test loss {final.get('test_loss', float('nan')):.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from optlab.train import evaluate_run
+
+    res = evaluate_run(args.run_dir)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from optlab.train import lr_find, plot_lr_find
+
+    cfg, hint = _load(args.config, args.set)
+    res = lr_find(cfg, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
+    out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"lr-find-{hint}.png")
+    plot_lr_find(res, out)
+    print(f"steps run: {len(res['losses'])}{' (stopped at divergence)' if res['stopped_early'] else ''}")
+    print(f"suggested learning rate: {res['suggestion']:.3g}")
+    print(f"plot: {out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from optlab.train import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optlab", description="Train networks with optlab's optimizers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a config (default: the embedded digits MLP)")
+    p.add_argument("config", nargs="?", help="a Python config file with get_config()")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder on the test set")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test (Smith 2017)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--max-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--out", help="where to write the plot")
+    p.set_defaults(fn=cmd_lr_find)
+
+    p = sub.add_parser("plot", help="(re)draw the plots of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_plot)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (_config.ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The training loop: pure jitted steps, whole epochs as one ``lax.scan``, and ``fit(config)``."""
+
+from optlab.train._checkpoint import committed as committed_checkpoints
+from optlab.train._checkpoint import restore_latest, save
+from optlab.train._fit import DivergenceError, Experiment, build_model, build_optimizer, evaluate_run, fit
+from optlab.train._lr_find import lr_find, plot_lr_find
+from optlab.train._plots import plot_run
+from optlab.train._step import (
+    TrainState,
+    cross_entropy,
+    current_learning_rate,
+    epoch_permutation,
+    init_state,
+    make_evaluate,
+    make_steps,
+    make_train_epoch,
+    split_model,
+)
+
+__all__ = [
+    "DivergenceError",
+    "Experiment",
+    "TrainState",
+    "build_model",
+    "build_optimizer",
+    "committed_checkpoints",
+    "cross_entropy",
+    "current_learning_rate",
+    "epoch_permutation",
+    "evaluate_run",
+    "fit",
+    "init_state",
+    "lr_find",
+    "make_evaluate",
+    "make_steps",
+    "make_train_epoch",
+    "plot_lr_find",
+    "plot_run",
+    "restore_latest",
+    "save",
+    "split_model",
+]

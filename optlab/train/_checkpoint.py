@@ -1,0 +1,89 @@
+"""Checkpoints with orbax, committed by a marker written last.
+
+Layout in a run folder::
+
+    checkpoints/epoch_0003/        orbax pytree of the TrainState
+    checkpoints/epoch_0003.json    metadata (epoch, history so far): written
+                                   atomically *after* the arrays, so its
+                                   presence means the checkpoint is complete
+
+A checkpoint without its marker (the process died while saving), or whose
+arrays fail to restore, is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_NAME = re.compile(r"^epoch_(\d{4,})$")
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(folder: str | os.PathLike, epoch: int, state: Any, meta: dict, keep: int = 2) -> pathlib.Path:
+    """Save ``state`` as the checkpoint of ``epoch`` and prune all but the newest ``keep``."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"epoch_{epoch:04d}"
+    marker = folder / f"epoch_{epoch:04d}.json"
+    if marker.exists():
+        marker.unlink()
+    if target.exists():
+        shutil.rmtree(target)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(target.absolute(), state)
+    ckptr.wait_until_finished()
+    _atomic_write_text(marker, json.dumps({"epoch": epoch, **meta}))
+    for old in committed(folder)[:-keep]:
+        shutil.rmtree(folder / f"epoch_{old:04d}", ignore_errors=True)
+        (folder / f"epoch_{old:04d}.json").unlink(missing_ok=True)
+    return target
+
+
+def committed(folder: str | os.PathLike) -> list[int]:
+    """Epochs with a complete checkpoint (arrays and marker), oldest first."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (folder / f"{p.name}.json").is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def restore_latest(folder: str | os.PathLike, like: Any) -> tuple[Any, dict] | None:
+    """Restore the newest complete checkpoint into the structure of ``like``.
+
+    Returns ``(state, meta)`` or None when there is none. NamedTuples (the
+    optimizer's states) come back intact because ``like`` gives the structure.
+    """
+    folder = pathlib.Path(folder)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    for epoch in reversed(committed(folder)):
+        path = folder / f"epoch_{epoch:04d}"
+        try:
+            meta = json.loads((folder / f"epoch_{epoch:04d}.json").read_text())
+            state = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: use the previous one
+            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one", RuntimeWarning)
+            continue
+        return state, meta
+    return None

@@ -1,0 +1,289 @@
+"""``fit(config)``: data, model, optimizer, compiled epochs, evaluation, logs, checkpoints.
+
+The loop itself is thin: every epoch is one jitted ``lax.scan`` over the
+device-resident training set (`make_train_epoch`), with the state buffers
+donated so the update happens in place. Around it, this module only does
+host-side bookkeeping: logs (JSON lines + CSV), checkpoints, divergence
+checks and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optlab
+from optlab import config as _config
+from optlab import data as _data
+from optlab.models import get_model
+from optlab.train import _checkpoint
+from optlab.train._step import TrainState, init_state, make_evaluate, make_steps, make_train_epoch
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or inf; the message says when and where the last good checkpoint is."""
+
+
+def build_optimizer(cfg: dict):
+    """The optimizer of a resolved config, with the train section's wrappers around it."""
+    t = cfg["train"]
+    tx = _config.build_optimizer(cfg["optimizer"])
+    parts = []
+    if t["clip_global_norm"] is not None:
+        parts.append(optlab.clip_by_global_norm(t["clip_global_norm"]))
+    parts.append(tx)
+    if t["ema_decay"] is not None:
+        parts.append(optlab.ema_params(t["ema_decay"]))
+    tx = optlab.chain(*parts) if len(parts) > 1 else tx
+    if t["accumulate_steps"] > 1:
+        tx = optlab.accumulate_gradients(tx, t["accumulate_steps"])
+    if t["skip_nonfinite"]:
+        tx = optlab.skip_nonfinite(tx)
+    return tx
+
+
+def build_model(cfg: dict, dataset: _data.Dataset, seed: int):
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    name = cfg["model"]["name"]
+    kwargs.setdefault("num_classes", dataset.num_classes)
+    if name == "mlp":
+        kwargs.setdefault("in_features", int(np.prod(dataset.train_images.shape[1:])))
+    if name in ("cnn",):
+        kwargs.setdefault("in_channels", dataset.train_images.shape[-1])
+    try:
+        return get_model(name, rngs=seed, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise _config.ConfigError(f"model section: {e}") from e
+
+
+class Experiment:
+    """A resolved config made concrete: data on the device, model, optimizer, compiled functions.
+
+    `fit` uses it for one run; sweeps build one and vmap its functions.
+    """
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg = _config.resolve(cfg)
+        d, t = cfg["data"], cfg["train"]
+        self.dataset = ds = _data.load(d["name"], data_dir=d["data_dir"])
+        train_x, train_y = ds.train_images, ds.train_labels
+        if d["limit_train"] is not None:
+            train_x, train_y = train_x[: d["limit_train"]], train_y[: d["limit_train"]]
+        if d["batch_size"] > train_x.shape[0]:
+            raise _config.ConfigError(
+                f"config key `data.batch_size` (={d['batch_size']}) exceeds the {train_x.shape[0]} training examples"
+            )
+        mode = d["normalization"]
+        if mode not in _data.MODES:
+            raise _config.ConfigError(f"config key `data.normalization` (={mode!r}) must be one of {_data.MODES}")
+        stats = _data.channel_stats(train_x) if mode == "standardize" else None
+        self.preprocess = lambda x: _data.normalize(x, mode, stats)
+        augment = (lambda key, x: _data.augment_cifar(key, x)) if d["augment"] else None
+        self.train_images, self.train_labels = jnp.asarray(train_x), jnp.asarray(train_y)
+        self.test_images, self.test_labels = jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)
+        self.model = build_model(cfg, ds, t["seed"])
+        self.tx = build_optimizer(cfg)
+        self.graphdef, _ = init_state(self.model, self.tx, t["seed"])
+        self.train_step, self.eval_step = make_steps(
+            self.graphdef, self.tx, preprocess=self.preprocess, augment=augment, label_smoothing=t["label_smoothing"]
+        )
+        self.train_epoch = make_train_epoch(self.train_step, d["batch_size"])
+        self.evaluate = make_evaluate(self.eval_step, d["eval_batch_size"])
+        self.steps_per_epoch = self.train_images.shape[0] // d["batch_size"]
+
+    def init(self, seed: int | None = None) -> TrainState:
+        seed = self.cfg["train"]["seed"] if seed is None else seed
+        model = build_model(self.cfg, self.dataset, seed)
+        return init_state(model, self.tx, seed)[1]
+
+
+def _run_dir(cfg: dict, name_hint: str | None) -> pathlib.Path:
+    out = cfg["output"]
+    name = out["name"] or f"{name_hint or cfg['data']['name']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return pathlib.Path(out["dir"]) / name
+
+
+class _Logger:
+    """JSON lines for everything, a CSV row per epoch, and a console line per epoch."""
+
+    def __init__(self, run_dir: pathlib.Path, resume: bool, quiet: bool):
+        self.run_dir = run_dir
+        self.quiet = quiet
+        self.interactive = sys.stdout.isatty() and not os.environ.get("CI")
+        mode = "a" if resume else "w"
+        self.jsonl = open(run_dir / "log.jsonl", mode)
+        self.csv_path = run_dir / "metrics.csv"
+
+    def event(self, **record):
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def epoch(self, history: list[dict]):
+        keys = list(history[0])
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+        if not self.quiet:
+            h = history[-1]
+            line = (
+                f"epoch {h['epoch']:>3}  loss {h['train_loss']:.4f}  acc {h['train_accuracy']:.4f}"
+                f"  test_loss {h['test_loss']:.4f}  test_acc {h['test_accuracy']:.4f}"
+                f"  lr {h['learning_rate']:.3g}  {h['examples_per_second']:.0f} ex/s"
+            )
+            print(("\r" if self.interactive else "") + line, flush=True)
+
+    def close(self):
+        self.jsonl.close()
+
+
+def _finite_mean(x) -> float:
+    return float(np.mean(np.asarray(x, np.float64)))
+
+
+def fit(
+    cfg: dict,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    name_hint: str | None = None,
+    stop_after_epochs: int | None = None,
+) -> dict:
+    """Train the config's model; returns ``{"history", "run_dir", "state", "final"}``.
+
+    Each run writes to its own folder: ``config.json`` (the resolved config),
+    ``log.jsonl`` (step and epoch records), ``metrics.csv`` (one row per
+    epoch), ``checkpoints/`` and ``plots/``. With ``resume=True`` and an
+    existing ``run_dir``, training continues from the newest complete
+    checkpoint; data order and step keys depend only on (seed, epoch, step),
+    so the result equals an uninterrupted run bitwise on the CPU.
+    ``stop_after_epochs`` ends early (tests and time-boxed runs) as if killed
+    after that many epochs in total.
+
+    Raises:
+      ConfigError: a bad config, before anything compiles.
+      DivergenceError: the training loss became NaN/inf (unless
+        ``train.skip_nonfinite`` rides over bad steps); the last good
+        checkpoint is kept.
+    """
+    exp = Experiment(cfg)
+    cfg = exp.cfg
+    t = cfg["train"]
+    run_dir = pathlib.Path(run_dir) if run_dir is not None else _run_dir(cfg, name_hint)
+    ckpt_dir = run_dir / "checkpoints"
+    if run_dir.exists() and not resume and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if saved != json.loads(json.dumps(cfg)):
+            raise _config.ConfigError(f"--resume: the config differs from the one saved in {run_dir / 'config.json'}")
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    state = exp.init()
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        restored = _checkpoint.restore_latest(ckpt_dir, state)
+        if restored is not None:
+            state, meta = restored
+            start_epoch, history = meta["epoch"], meta["history"]
+    log = _Logger(run_dir, resume and start_epoch > 0, quiet)
+    log.event(kind="start", resume_epoch=start_epoch, jax=jax.__version__, backend=jax.default_backend(),
+              steps_per_epoch=exp.steps_per_epoch)
+
+    train_epoch = jax.jit(exp.train_epoch, donate_argnums=(0,))
+    evaluate = jax.jit(exp.evaluate)
+    # Input pipeline cost, measured alone once (gather + augment + normalise of one epoch).
+    timing = _data.time_input_pipeline(
+        jax.random.PRNGKey(0), exp.train_images, exp.train_labels, cfg["data"]["batch_size"],
+        augment=(lambda k, x: _data.augment_cifar(k, x)) if cfg["data"]["augment"] else None, repeats=1,
+    )
+    log.event(kind="input_pipeline", seconds_per_epoch=timing.seconds_per_epoch,
+              examples_per_second=timing.examples_per_second)
+
+    ema_in_state = t["ema_decay"] is not None
+    last_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], stop_after_epochs)
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            t0 = time.perf_counter()
+            state, metrics = train_epoch(state, exp.train_images, exp.train_labels, epoch)
+            metrics = jax.device_get(metrics)  # waits for the epoch to finish
+            seconds = time.perf_counter() - t0
+            losses = np.asarray(metrics["loss"])
+            for i in range(0, len(losses), t["log_every"]):
+                log.event(kind="step", epoch=epoch, step=int(epoch * exp.steps_per_epoch + i + 1),
+                          **{k: float(np.asarray(v)[i]) for k, v in metrics.items()})
+            if not np.all(np.isfinite(losses)) and not t["skip_nonfinite"]:
+                bad = int(np.argmin(np.isfinite(losses)))
+                good = _checkpoint.committed(ckpt_dir)
+                where = f"{ckpt_dir}/epoch_{good[-1]:04d}" if good else "none (no epoch completed)"
+                msg = (f"training diverged: loss became {losses[bad]} at epoch {epoch + 1}, step {bad + 1} of "
+                       f"{len(losses)} (learning rate {float(metrics['learning_rate'][bad]):.3g}); last good checkpoint: "
+                       f"{where}. Lower the learning rate, clip gradients (train.clip_global_norm) or set "
+                       "train.skip_nonfinite=True to ride over bad steps.")
+                log.event(kind="diverged", epoch=epoch, step=bad + 1, message=msg)
+                raise DivergenceError(msg)
+            record = {
+                "epoch": epoch + 1,
+                "step": int(state.step),
+                "train_loss": _finite_mean(losses),
+                "train_accuracy": _finite_mean(metrics["accuracy"]),
+                "learning_rate": float(np.asarray(metrics["learning_rate"])[-1]),
+                "grad_norm": _finite_mean(metrics["grad_norm"]),
+                "update_norm": _finite_mean(metrics["update_norm"]),
+                "param_norm": float(np.asarray(metrics["param_norm"])[-1]),
+                "seconds": seconds,
+                "examples_per_second": exp.steps_per_epoch * cfg["data"]["batch_size"] / seconds,
+                "input_seconds": timing.seconds_per_epoch,
+                "test_loss": math.nan,
+                "test_accuracy": math.nan,
+            }
+            if (epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]:
+                ev = jax.device_get(evaluate(state, exp.test_images, exp.test_labels))
+                record["test_loss"], record["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
+                if ema_in_state:
+                    ev = jax.device_get(evaluate(state, exp.test_images, exp.test_labels, optlab.ema_of(state.opt_state)))
+                    record["ema_test_accuracy"] = float(ev["accuracy"])
+            history.append(record)
+            log.event(kind="epoch", **record)
+            log.epoch(history)
+            every = t["checkpoint_every"]
+            if (every and (epoch + 1) % every == 0) or epoch + 1 == t["epochs"]:
+                _checkpoint.save(ckpt_dir, epoch + 1, state, {"history": history}, keep=t["keep_checkpoints"])
+    finally:
+        log.close()
+    if cfg["output"]["plots"] and history:
+        from optlab.train._plots import plot_run
+
+        plot_run(run_dir)
+    final = history[-1] if history else {}
+    return {"history": history, "run_dir": run_dir, "state": state, "final": final}
+
+
+def evaluate_run(run_dir: str | os.PathLike) -> dict:
+    """Evaluate the newest complete checkpoint of a run folder on the test set."""
+    run_dir = pathlib.Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: no config.json")
+    exp = Experiment(json.loads(cfg_path.read_text()))
+    restored = _checkpoint.restore_latest(run_dir / "checkpoints", exp.init())
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint")
+    state, meta = restored
+    ev = jax.device_get(jax.jit(exp.evaluate)(state, exp.test_images, exp.test_labels))
+    return {"run_dir": str(run_dir), "epoch": meta["epoch"], "step": int(state.step),
+            "test_loss": float(ev["loss"]), "test_accuracy": float(ev["accuracy"])}
