@@ -109,4 +109,5 @@ def is_zero(value: Any) -> bool:
     extra memory traffic). An array, even a concrete zero, keeps the feature
     in so that it can be swept or changed later with ``set_hyperparams``.
     """
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    # Exact Python types only: a numpy scalar counts as data, like an array.
+    return type(value) in (int, float) and value == 0

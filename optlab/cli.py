@@ -68,6 +68,27 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import optlab.sweep as sweep
+
+    if args.config is None:
+        print("error: optlab sweep needs a config file with get_sweep()", file=sys.stderr)
+        return 2
+    members = _config.load_sweep_file(args.config)
+    if members is None:
+        print(f"error: {args.config} defines no get_sweep()", file=sys.stderr)
+        return 2
+    cfg, hint = _load(args.config, args.set)
+    out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"sweep-{hint}")
+    res = sweep.run(cfg, members, strategy=args.strategy, num_devices=args.devices,
+                    max_in_flight=args.max_in_flight, out_dir=out)
+    print(sweep.markdown_table(res.rows))
+    print(f"best member: {res.best}")
+    print(f"strategy: {[g['strategy'] for g in res.info['groups']]}, {res.info['seconds']:.1f} s")
+    print(f"results: {out}/results.csv, {out}/results.md, plots in {out}/plots")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from optlab.train import plot_run
 
@@ -98,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="where to write the plot")
     p.set_defaults(fn=cmd_lr_find)
 
+    p = sub.add_parser("sweep", help="train a config's get_sweep() members as one compiled program")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "map", "chunked"])
+    p.add_argument("--devices", type=int, default=None, help="local devices to shard members over (default: all)")
+    p.add_argument("--max-in-flight", type=int, default=None, help="members run at once (default: what fits)")
+    p.add_argument("--out", help="output folder (default: runs/sweep-<config>)")
+    p.set_defaults(fn=cmd_sweep)
+
     p = sub.add_parser("plot", help="(re)draw the plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_plot)
@@ -105,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (_config.ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (_config.ConfigError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -103,6 +103,16 @@ def load_config_file(path: str | pathlib.Path) -> dict:
     return cfg
 
 
+def load_sweep_file(path: str | pathlib.Path) -> list[dict] | None:
+    """The member list of a config file's ``get_sweep()``, or None when it has none."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"optlab_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "get_sweep", None)
+    return None if fn is None else fn()
+
+
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` strings (values parsed as Python literals, else kept as strings)."""
     cfg = copy.deepcopy(cfg)

@@ -1,0 +1,398 @@
+"""Run a sweep: all members of a group trained by one compiled program.
+
+Members differ only in *data* (optimizer hyperparameters and schedule
+parameters, which live in the optimizer state; initial weights from their seed
+and initialisation) share one compiled epoch function. Members that differ in
+structure (optimizer kind, model width) form separate groups, each compiled
+once. Within a group the members are stacked along a leading axis and run
+
+* ``"vmap"``: batched, all at once (best on accelerators and for MLPs),
+* ``"map"``: one after another inside the compiled program (``lax.map``;
+  best where batched per-member convolutions are slow, e.g. on CPU),
+* ``"chunked"``: ``lax.map`` over chunks that are each vmapped,
+
+sharded across local devices along the member axis, in as many sequential
+pieces as device memory requires.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optlab import config as _config
+from optlab.sweep._spec import expand_key, set_path
+from optlab.train._fit import Experiment, build_model, build_optimizer
+from optlab.train._step import init_state
+
+STRATEGIES = ("auto", "vmap", "map", "chunked")
+_DATA_KEYS_MODEL = ("init", "init_scale")
+
+
+class Member(NamedTuple):
+    index: int
+    values: dict  # the swept values, by dotted key
+    config: dict  # the member's full resolved config
+
+
+class SweepResult(NamedTuple):
+    rows: list[dict]  # one per member: swept values, metrics, divergence
+    best: dict  # the best row (highest final test accuracy among members that did not diverge)
+    curves: dict  # key -> array (members, epochs) of per-epoch metrics
+    info: dict  # strategy, groups, devices, timings
+    out_dir: Any
+    states: list  # final TrainState of each member (frozen at its last finite state if it diverged)
+    experiments: list  # the Experiment of each member's group (its compiled functions and data)
+
+
+def _as_data(value):
+    # A numpy float keeps a zero hyperparameter *in* the compiled program (a Python 0 compiles it out),
+    # so members with momentum 0 and 0.9 share one program.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return np.float64(value)
+
+
+def make_members(config: dict, members: list[dict]) -> list[Member]:
+    """Validate and expand a member list against a config, before anything compiles."""
+    if not isinstance(members, list) or not members:
+        raise ValueError("a sweep needs a non-empty list of members (use optlab.sweep.grid/random/zip)")
+    base = _config.resolve(config)
+    opt_fn = _config.OPTIMIZERS.get(base["optimizer"]["name"])
+    opt_args = set(_config._signature_defaults(opt_fn)) if opt_fn else set()
+    out = []
+    for i, m in enumerate(members):
+        if not isinstance(m, dict):
+            raise TypeError(f"member {i} must be a dict of hyperparameters, got {m!r}")
+        cfg = copy.deepcopy(base)
+        values = {}
+        # Structural keys first (optimizer.name changes what the other keys mean).
+        items = sorted(m.items(), key=lambda kv: 0 if kv[0] in ("optimizer.name", "model.name") else 1)
+        for key, value in items:
+            if key in ("optimizer.name",):
+                new_fn = _config.OPTIMIZERS.get(value)
+                if new_fn is None:
+                    raise _config.ConfigError(f"member {i}: unknown optimizer {value!r}")
+                opt_args_i = set(_config._signature_defaults(new_fn))
+                # Drop arguments the new optimizer does not take (e.g. momentum for adam).
+                cfg["optimizer"] = {k: v for k, v in cfg["optimizer"].items() if k == "name" or k in opt_args_i}
+            else:
+                opt_args_i = set(_config._signature_defaults(_config.OPTIMIZERS[cfg["optimizer"]["name"]]))
+            dotted = expand_key(key, opt_args_i | opt_args)
+            if dotted.startswith("optimizer.") and dotted.count(".") == 1 and dotted != "optimizer.name":
+                if dotted.split(".")[1] not in opt_args_i:
+                    raise _config.ConfigError(
+                        f"member {i}: `{key}` is not a hyperparameter of optimizer {cfg['optimizer']['name']!r}"
+                    )
+            if isinstance(value, bool) or (not isinstance(value, (int, float, str)) and value is not None):
+                if not isinstance(value, (list, tuple)):
+                    raise TypeError(f"member {i}: `{key}` (={value!r}) must be a number or a string")
+            if dotted.startswith("optimizer.") and dotted != "optimizer.name":
+                value = _as_data(value)
+            try:
+                set_path(cfg, dotted, value)
+            except ValueError as e:
+                if dotted.startswith(("optimizer.", "model.", "train.", "data.")) and dotted.count(".") == 1:
+                    cfg[dotted.split(".")[0]][dotted.split(".")[1]] = value
+                else:
+                    raise _config.ConfigError(f"member {i}: {e}") from e
+            values[dotted] = value.item() if isinstance(value, np.generic) else value
+        try:
+            cfg = _config.resolve(cfg)
+        except _config.ConfigError as e:
+            raise _config.ConfigError(f"member {i} ({values}): {e}") from e
+        out.append(Member(i, values, cfg))
+    return out
+
+
+def _structure_key(cfg: dict) -> str:
+    """The config with data-carried values blanked: members with equal keys share a program."""
+    c = copy.deepcopy(cfg)
+
+    def blank_numbers(node):
+        if isinstance(node, dict):
+            return {k: (v if k in ("schedule", "name") else blank_numbers(v)) for k, v in node.items()}
+        if isinstance(node, bool) or node is None or isinstance(node, str):
+            return node
+        if isinstance(node, (int, float)):
+            return "<data>"
+        if isinstance(node, (list, tuple)):
+            return [blank_numbers(v) for v in node]
+        return node
+
+    c["optimizer"] = blank_numbers(c["optimizer"])
+    for k in _DATA_KEYS_MODEL:
+        c["model"].pop(k, None)
+    c["train"].pop("seed", None)
+    c.pop("output", None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _index(tree, i):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _has_conv(cfg) -> bool:
+    return cfg["model"]["name"] in ("convnet", "cnn", "resnet9")
+
+
+def choose_strategy(cfg: dict, n: int, requested: str) -> str:
+    """``auto``: batched on accelerators and for MLPs; ``map`` for convolutions on the CPU.
+
+    XLA's CPU backend turns vmapped per-member convolutions into slow grouped
+    convolutions, so running members one after another inside the program is
+    faster there (measured in ``benchmarks/sweep_throughput.py``).
+    """
+    if requested not in STRATEGIES:
+        raise ValueError(f"`strategy` (={requested!r}) must be one of {STRATEGIES}")
+    if requested != "auto":
+        return requested
+    if n == 1:
+        return "map"
+    if jax.default_backend() != "cpu":
+        return "vmap"
+    return "map" if _has_conv(cfg) else "vmap"
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    sm = getattr(jax, "shard_map", None)
+    if sm is None:  # jax < 0.7
+        from jax.experimental.shard_map import shard_map as sm  # type: ignore[no-redef]
+    try:
+        return sm(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    except TypeError:
+        return sm(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+class _GroupProgram:
+    """The compiled functions of one group, over a stacked member axis."""
+
+    def __init__(self, exp: Experiment, strategy: str, chunk: int, devices: list):
+        self.exp = exp
+        self.strategy = strategy
+        self.devices = devices
+
+        def local_epoch(states, images, labels, epoch):
+            one = lambda s: exp.train_epoch(s, images, labels, epoch)  # noqa: E731
+            if strategy == "vmap":
+                return jax.vmap(one)(states)
+            if strategy == "map":
+                return jax.lax.map(one, states)
+            m = jax.tree_util.tree_leaves(states)[0].shape[0]
+            c = max(1, min(chunk, m))
+            if m % c:
+                raise ValueError(f"chunked strategy: {m} members per device is not a multiple of chunk {c}")
+            chunks = jax.tree_util.tree_map(lambda x: x.reshape((m // c, c) + x.shape[1:]), states)
+            out = jax.lax.map(jax.vmap(one), chunks)
+            return jax.tree_util.tree_map(lambda x: x.reshape((m,) + x.shape[2:]), out)
+
+        def local_eval(states, images, labels):
+            return jax.vmap(lambda s: exp.evaluate(s, images, labels))(states)
+
+        if len(devices) > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+            self.mesh = Mesh(np.array(devices), ("members",))
+            self.member_sharding = NamedSharding(self.mesh, P("members"))
+            local_epoch = _shard_map(local_epoch, self.mesh, (P("members"), P(), P(), P()), (P("members"), P("members")))
+            local_eval = _shard_map(local_eval, self.mesh, (P("members"), P(), P()), P("members"))
+        else:
+            self.mesh = None
+            self.member_sharding = None
+        self.epoch = jax.jit(local_epoch)
+        self.evaluate = jax.jit(local_eval)
+
+    def place(self, states):
+        if self.member_sharding is None:
+            return states
+        return jax.device_put(states, self.member_sharding)
+
+
+def _member_state(member: Member, exp: Experiment):
+    cfg = member.config
+    seed = cfg["train"]["seed"]
+    model = build_model(cfg, exp.dataset, seed)
+    tx = build_optimizer(cfg)
+    graphdef, state = init_state(model, tx, seed)
+    return graphdef, state
+
+
+def _in_flight(exp: Experiment, state, n: int, limit: int | None) -> int:
+    """How many members to run at once: the user's limit, else what fits in half the free memory."""
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"`max_in_flight` (={limit!r}) must be a positive integer")
+        return min(limit, n)
+    per_member = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    try:
+        compiled = jax.jit(exp.train_epoch).lower(state, exp.train_images, exp.train_labels, 0).compile()
+        mem = compiled.memory_analysis()
+        per_member += int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+    except Exception:  # noqa: BLE001 - memory analysis is best effort; fall back to the state size
+        pass
+    dev = jax.devices()[0]
+    free = None
+    stats = getattr(dev, "memory_stats", lambda: None)()
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if free is None:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:
+            free = 8 << 30
+    return max(1, min(n, int(0.5 * free // max(per_member, 1))))
+
+
+def run(
+    config: dict,
+    members: list[dict],
+    *,
+    strategy: str = "auto",
+    chunk_size: int = 4,
+    num_devices: int | None = None,
+    max_in_flight: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+    plots: bool = True,
+) -> SweepResult:
+    """Train every member of a sweep; returns the results table, the best member and per-member curves.
+
+    Args:
+      config: a config dict (as ``get_config()`` returns).
+      members: from `grid`, `random` or `zip`: dicts of hyperparameter name -> value.
+      strategy: ``"auto"``, ``"vmap"``, ``"map"`` or ``"chunked"`` (see the module docstring).
+      chunk_size: members per vmapped chunk for ``"chunked"``.
+      num_devices: local devices to shard members over (default: all).
+      max_in_flight: members run at once (default: what fits in memory).
+      out_dir: where to write ``results.csv``, ``results.md``, ``curves.npz``, plots.
+    """
+    t_start = time.perf_counter()
+    expanded = make_members(config, members)
+    available = jax.local_devices()
+    if num_devices is None:
+        devices = available
+    else:
+        if not isinstance(num_devices, int) or num_devices < 1:
+            raise ValueError(f"`num_devices` (={num_devices!r}) must be a positive integer")
+        if num_devices > len(available):
+            raise ValueError(f"`num_devices` (={num_devices}) exceeds the {len(available)} local devices")
+        devices = available[:num_devices]
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` (={strategy!r}) must be one of {STRATEGIES}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` (={chunk_size!r}) must be a positive integer")
+
+    groups: dict[str, list[Member]] = {}
+    for m in expanded:
+        groups.setdefault(_structure_key(m.config), []).append(m)
+
+    epochs = expanded[0].config["train"]["epochs"]
+    rows: list[dict] = [None] * len(expanded)  # type: ignore[list-item]
+    final_states: list = [None] * len(expanded)
+    member_exps: list = [None] * len(expanded)
+    curve_keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate")
+    curves = {k: np.full((len(expanded), epochs), np.nan) for k in curve_keys}
+    info = {"groups": [], "devices": len(devices), "backend": jax.default_backend()}
+
+    for gi, group in enumerate(groups.values()):
+        g0 = time.perf_counter()
+        exp = Experiment(group[0].config)
+        if any(m.config["train"]["epochs"] != epochs for m in group):
+            raise _config.ConfigError("all members of a sweep must train for the same number of epochs")
+        strat = choose_strategy(exp.cfg, len(group), strategy)
+        states, ref_def = [], None
+        for m in group:
+            graphdef, st = _member_state(m, exp)
+            treedef = jax.tree_util.tree_structure(st)
+            if ref_def is None:
+                ref_def = treedef
+            elif treedef != ref_def:
+                raise _config.ConfigError(
+                    f"member {m.index} ({m.values}) changes the structure of the training state; "
+                    "sweep structural choices (optimizer kind, a literal 0 that switches a feature off, model "
+                    "width) as separate values of a dotted key such as `optimizer.name` or `model.width`"
+                )
+            states.append(st)
+        in_flight = _in_flight(exp, states[0], len(group), max_in_flight)
+        # Round the pieces to whole multiples of the device count (padding repeats the last member).
+        nd = len(devices)
+        per_piece = max(nd, (in_flight // nd) * nd)
+        if strat == "chunked":
+            per_piece = max(per_piece, nd * chunk_size)
+            per_piece -= per_piece % (nd * chunk_size)
+        program = _GroupProgram(exp, strat, chunk_size, devices)
+        n_pieces = math.ceil(len(group) / per_piece)
+        for p in range(n_pieces):
+            idx = list(range(p * per_piece, min(len(group), (p + 1) * per_piece)))
+            padded = idx + [idx[-1]] * ((-len(idx)) % (nd * (chunk_size if strat == "chunked" else 1)))
+            stacked = program.place(_stack([states[i] for i in padded]))
+            alive = np.ones(len(padded), bool)
+            died = {}
+            for epoch in range(epochs):
+                new, metrics = program.epoch(stacked, exp.train_images, exp.train_labels, epoch)
+                losses = np.asarray(jax.device_get(metrics["loss"]))  # (members, steps)
+                finite = np.all(np.isfinite(losses), axis=1)
+                newly = alive & ~finite
+                for j in np.flatnonzero(newly):
+                    bad = int(np.argmin(np.isfinite(losses[j])))
+                    died[j] = {"epoch": epoch + 1, "step": epoch * exp.steps_per_epoch + bad + 1}
+                alive &= finite
+                keep = jnp.asarray(alive)
+                # Diverged members are frozen at their last finite state; the others go on.
+                stacked = jax.tree_util.tree_map(
+                    lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, stacked
+                )
+                ev = jax.device_get(program.evaluate(stacked, exp.test_images, exp.test_labels))
+                for j, i in enumerate(idx):
+                    gi_member = group[i].index
+                    curves["train_loss"][gi_member, epoch] = np.mean(losses[j]) if alive[j] else np.nan
+                    curves["train_accuracy"][gi_member, epoch] = np.mean(np.asarray(metrics["accuracy"])[j])
+                    curves["learning_rate"][gi_member, epoch] = np.asarray(metrics["learning_rate"])[j, -1]
+                    curves["test_loss"][gi_member, epoch] = ev["loss"][j] if alive[j] else np.nan
+                    curves["test_accuracy"][gi_member, epoch] = ev["accuracy"][j] if alive[j] else np.nan
+                if not quiet:
+                    acc = [f"{float(ev['accuracy'][j]):.4f}" if alive[j] else "diverged" for j in range(len(idx))]
+                    print(f"group {gi} piece {p} epoch {epoch + 1}/{epochs}: test acc {', '.join(acc)}", flush=True)
+            host = jax.device_get(stacked)
+            for j, i in enumerate(idx):
+                m = group[i]
+                final_states[m.index] = _index(host, j)
+                member_exps[m.index] = exp
+                acc_curve = curves["test_accuracy"][m.index]
+                rows[m.index] = {
+                    "member": m.index,
+                    **m.values,
+                    "group": gi,
+                    "final_test_accuracy": float(acc_curve[-1]),
+                    "best_test_accuracy": float(np.nanmax(acc_curve)) if np.any(np.isfinite(acc_curve)) else math.nan,
+                    "final_test_loss": float(curves["test_loss"][m.index, -1]),
+                    "final_train_loss": float(curves["train_loss"][m.index, -1]),
+                    "diverged_at_step": died[j]["step"] if j in died else None,
+                }
+        info["groups"].append({
+            "group": gi, "members": len(group), "strategy": strat, "in_flight": per_piece, "pieces": n_pieces,
+            "seconds": time.perf_counter() - g0,
+        })
+    info["seconds"] = time.perf_counter() - t_start
+    ok = [r for r in rows if r["diverged_at_step"] is None and math.isfinite(r["final_test_accuracy"])]
+    best = max(ok, key=lambda r: r["final_test_accuracy"]) if ok else {}
+    result = SweepResult(rows, best, curves, info, out_dir, final_states, member_exps)
+    if out_dir is not None:
+        from optlab.sweep._report import write_report
+
+        write_report(result, out_dir, plots=plots)
+    return result
