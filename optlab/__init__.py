@@ -17,6 +17,8 @@ from optlab._base import (
 )
 from optlab._hparams import HyperparamsState, hyperparams, set_hyperparams, with_hyperparams
 from optlab.optimizers import (
+    LbfgsState,
+    lbfgs,
     SwatsState,
     adadelta,
     adagrad,
@@ -64,6 +66,7 @@ __all__ = [
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "HyperparamsState",
+    "LbfgsState",
     "SwatsState",
     "accumulate_gradients",
     "adadelta",
@@ -83,6 +86,7 @@ __all__ = [
     "global_norm",
     "hyperparams",
     "identity",
+    "lbfgs",
     "masked",
     "nesterov_momentum",
     "partition",

@@ -12,9 +12,12 @@ from optlab.optimizers._named import (
     rprop,
     sgd,
 )
+from optlab.optimizers._lbfgs import LbfgsState, lbfgs
 from optlab.optimizers._swats import SwatsState, scale_by_swats, swats, swats_status
 
 __all__ = [
+    "LbfgsState",
+    "lbfgs",
     "SwatsState",
     "adadelta",
     "adagrad",

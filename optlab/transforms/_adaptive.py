@@ -53,7 +53,11 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
         first = state.count == 0
         # The accumulator takes its initial value on the first update, so a changed
         # `initial_accumulator_value` (set_hyperparams before training) is honoured.
-        s = _map(lambda s, g: jnp.where(first, initial_accumulator_value, s) + g * g, state.sum_of_squares, updates)
+        s = _map(
+            lambda s, g: (jnp.where(first, initial_accumulator_value, s) + g * g).astype(s.dtype),
+            state.sum_of_squares,
+            updates,
+        )
         decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
         out = _map(lambda g, s: (g / (jnp.sqrt(s) + eps) / decay).astype(g.dtype), updates, s)
         return out, AdagradState(safe_increment(state.count), s)
@@ -88,9 +92,9 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        sq = _map(lambda r, g: alpha * r + (1 - alpha) * (g * g), state.square_avg, updates)
+        sq = _map(lambda r, g: (alpha * r + (1 - alpha) * (g * g)).astype(r.dtype), state.square_avg, updates)
         if centered:
-            ga = _map(lambda m, g: m + (1 - alpha) * (g - m), state.grad_avg, updates)
+            ga = _map(lambda m, g: (m + (1 - alpha) * (g - m)).astype(m.dtype), state.grad_avg, updates)
             var = _map(lambda r, m: r - m * m, sq, ga)
         else:
             ga, var = (), sq
@@ -195,9 +199,9 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        sq = _map(lambda r, g: rho * r + (1 - rho) * (g * g), state.square_avg, updates)
+        sq = _map(lambda r, g: (rho * r + (1 - rho) * (g * g)).astype(r.dtype), state.square_avg, updates)
         delta = _map(lambda a, r, g: jnp.sqrt(a + eps) / jnp.sqrt(r + eps) * g, state.acc_delta, sq, updates)
-        acc = _map(lambda a, d: rho * a + (1 - rho) * (d * d), state.acc_delta, delta)
+        acc = _map(lambda a, d: (rho * a + (1 - rho) * (d * d)).astype(a.dtype), state.acc_delta, delta)
         out = _map(lambda d, g: d.astype(g.dtype), delta, updates)
         return out, AdadeltaState(safe_increment(state.count), sq, acc)
 
