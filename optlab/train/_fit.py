@@ -59,7 +59,7 @@ def build_model(cfg: dict, dataset: _data.Dataset, seed: int):
     kwargs.setdefault("num_classes", dataset.num_classes)
     if name == "mlp":
         kwargs.setdefault("in_features", int(np.prod(dataset.train_images.shape[1:])))
-    if name in ("cnn",):
+    if name in ("cnn", "resnet9"):
         kwargs.setdefault("in_channels", dataset.train_images.shape[-1])
     try:
         return get_model(name, rngs=seed, **kwargs)
@@ -178,13 +178,14 @@ def fit(
         ``train.skip_nonfinite`` rides over bad steps); the last good
         checkpoint is kept.
     """
-    exp = Experiment(cfg)
-    cfg = exp.cfg
-    t = cfg["train"]
+    cfg = _config.resolve(cfg)
     run_dir = pathlib.Path(run_dir) if run_dir is not None else _run_dir(cfg, name_hint)
     ckpt_dir = run_dir / "checkpoints"
+    # Checked before the data loads: a taken folder should not cost a dataset load to report.
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another name")
+    exp = Experiment(cfg)
+    t = cfg["train"]
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
