@@ -59,7 +59,11 @@ def cmd_lr_find(args) -> int:
     from optlab.train import lr_find, plot_lr_find
 
     cfg, hint = _load(args.config, args.set)
-    res = lr_find(cfg, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
+    try:
+        res = lr_find(cfg, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
+    except ValueError as e:  # bad --min-lr/--max-lr/--steps, or an optimizer without a learning rate
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"lr-find-{hint}.png")
     plot_lr_find(res, out)
     print(f"steps run: {len(res['losses'])}{' (stopped at divergence)' if res['stopped_early'] else ''}")
@@ -74,17 +78,43 @@ def cmd_sweep(args) -> int:
     if args.config is None:
         print("error: optlab sweep needs a config file with get_sweep()", file=sys.stderr)
         return 2
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi) and any(v is None for v in multi):
+        print("error: a multi-process sweep needs all of --coordinator, --num-processes and --process-id",
+              file=sys.stderr)
+        return 2
     members = _config.load_sweep_file(args.config)
     if members is None:
         print(f"error: {args.config} defines no get_sweep()", file=sys.stderr)
         return 2
-    cfg, hint = _load(args.config, args.set)
-    out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"sweep-{hint}")
-    res = sweep.run(cfg, members, strategy=args.strategy, num_devices=args.devices,
-                    max_in_flight=args.max_in_flight, out_dir=out)
+
+    def sweep_here(distributed: bool = False):
+        cfg, hint = _load(args.config, args.set)
+        out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"sweep-{hint}")
+        kwargs = dict(strategy=args.strategy, num_devices=args.devices, max_in_flight=args.max_in_flight, out_dir=out)
+        return (sweep.run_distributed if distributed else sweep.run)(cfg, members, **kwargs), out
+
+    if args.coordinator is None:
+        res, out = sweep_here()
+    else:
+        import jax
+
+        # Before the config is resolved: building the optimizer creates arrays, and JAX must
+        # know about the other processes before it creates any.
+        sweep.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        try:
+            res, out = sweep_here(distributed=True)
+        finally:
+            jax.distributed.shutdown()  # waits for the other processes, so none is left in a collective
+        if res.info["process_id"] != 0:
+            block = res.info["members_by_process"][res.info["process_id"]]
+            print(f"process {res.info['process_id']}: trained members {block[0]}..{block[1] - 1}; "
+                  f"process 0 wrote {out}/results.csv")
+            return 0
     print(sweep.markdown_table(res.rows))
     print(f"best member: {res.best}")
-    print(f"strategy: {[g['strategy'] for g in res.info['groups']]}, {res.info['seconds']:.1f} s")
+    strategies = [g["strategy"] for g in res.info.get("local", res.info)["groups"]]
+    print(f"strategy: {strategies}, {res.info['seconds']:.1f} s")
     print(f"results: {out}/results.csv, {out}/results.md, plots in {out}/plots")
     return 0
 
@@ -126,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=None, help="local devices to shard members over (default: all)")
     p.add_argument("--max-in-flight", type=int, default=None, help="members run at once (default: what fits)")
     p.add_argument("--out", help="output folder (default: runs/sweep-<config>)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process sweep: process 0's address")
+    p.add_argument("--num-processes", type=int, help="multi-process sweep: how many processes take part")
+    p.add_argument("--process-id", type=int, help="multi-process sweep: this process's index, 0..N-1")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("plot", help="(re)draw the plots of a run folder")

@@ -121,7 +121,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = ast.literal_eval(raw)
+            value = ast.literal_eval(raw.strip())  # " 3" would be an IndentationError, i.e. a string
         except (ValueError, SyntaxError):
             value = raw
         parts = key.strip().split(".")
@@ -176,7 +176,7 @@ def build_schedule(spec: dict, where: str):
     registry = _schedule_registry()
     spec = dict(spec)
     kind = spec.pop("schedule")
-    if kind not in registry:
+    if not isinstance(kind, str) or kind not in registry:
         raise ConfigError(f"unknown schedule `{where}.schedule` (={kind!r}); known: {', '.join(sorted(registry))}")
     fn = registry[kind]
     valid = _signature_defaults(fn)
@@ -220,6 +220,43 @@ def build_optimizer(spec: dict):
         raise ConfigError(f"optimizer {name!r}: {e}") from e
 
 
+def _check_values(cfg: dict) -> None:
+    """The keys whose default is None (any type passes `_check_section`) and the value ranges."""
+    from optlab import data as _data  # noqa: PLC0415 - only the name tables are needed
+
+    def fail(key, value, must):
+        raise ConfigError(f"config key `{key}` (={value!r}) must be {must}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    d, t, o = cfg["data"], cfg["train"], cfg["output"]
+    if d["name"] not in _data.NAMES:
+        fail("data.name", d["name"], f"one of {', '.join(_data.NAMES)}")
+    if d["normalization"] not in _data.MODES:
+        fail("data.normalization", d["normalization"], f"one of {', '.join(_data.MODES)}")
+    if not is_int(d["eval_batch_size"]) or d["eval_batch_size"] < 1:
+        fail("data.eval_batch_size", d["eval_batch_size"], "a positive integer")
+    if d["limit_train"] is not None and (not is_int(d["limit_train"]) or d["limit_train"] < 1):
+        fail("data.limit_train", d["limit_train"], "a positive integer or None")
+    for key, value in (("data.data_dir", d["data_dir"]), ("output.name", o["name"]), ("output.dir", o["dir"])):
+        if value is not None and not isinstance(value, str):
+            fail(key, value, "a string")
+    if not is_int(t["seed"]) or t["seed"] < 0:
+        fail("train.seed", t["seed"], "a non-negative integer")
+    if t["loss"] != "cross_entropy":  # the only loss `fit` implements
+        fail("train.loss", t["loss"], "'cross_entropy'")
+    if not 0 <= t["label_smoothing"] < 1:
+        fail("train.label_smoothing", t["label_smoothing"], "in [0, 1)")
+    if t["clip_global_norm"] is not None and (not is_number(t["clip_global_norm"]) or t["clip_global_norm"] <= 0):
+        fail("train.clip_global_norm", t["clip_global_norm"], "a positive number or None")
+    if t["ema_decay"] is not None and (not is_number(t["ema_decay"]) or not 0 <= t["ema_decay"] < 1):
+        fail("train.ema_decay", t["ema_decay"], "a number in [0, 1) or None")
+
+
 def resolve(cfg: dict) -> dict:
     """Validate a raw config and fill in defaults; returns a new dict (JSON-serialisable)."""
     if not isinstance(cfg, dict):
@@ -241,6 +278,7 @@ def resolve(cfg: dict) -> dict:
             raise ConfigError(f"config key `train.{k}` (={t[k]!r}) must be a positive integer")
     if not isinstance(out["data"]["batch_size"], int) or out["data"]["batch_size"] < 1:
         raise ConfigError(f"config key `data.batch_size` (={out['data']['batch_size']!r}) must be a positive integer")
+    _check_values(out)
     try:
         json.dumps(out)
     except TypeError as e:

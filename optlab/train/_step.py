@@ -16,6 +16,7 @@ from flax import nnx
 
 import optlab
 from optlab._base import global_norm, with_extra_args_support
+from optlab.models import merge_model
 
 
 class TrainState(NamedTuple):
@@ -46,7 +47,12 @@ def init_state(model: nnx.Module, tx, seed: int | jax.Array) -> tuple[Any, Train
     graphdef, params, rest = split_model(model)
     tx = with_extra_args_support(tx)
     rng = jax.random.PRNGKey(seed)
-    return graphdef, TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params), rng)
+    state = TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params), rng)
+    # An optimizer's init may put one array in several places (several zero counters) or
+    # hand out arrays its closure keeps (hyperparameter values, schedule parameters). A jit
+    # that donates the state would then donate a buffer twice, or free one the optimizer
+    # still needs; so the state gets its own copy of every leaf.
+    return graphdef, jax.tree_util.tree_map(lambda x: x.copy(), state)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -96,7 +102,9 @@ def make_steps(
             x = augment(step_key, x)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.model_state)
+            # merge_model copies the Variables: a bare nnx.merge would reuse ones created outside
+            # jax.grad, and BatchNorm/Dropout updating them raises TraceContextError (flax#5050).
+            model = merge_model(graphdef, params, state.model_state)
             logits = model(x, train=True)
             _, _, new_rest = split_model(model)
             return cross_entropy(logits, labels, label_smoothing), (logits, new_rest)
@@ -115,7 +123,7 @@ def make_steps(
         return TrainState(state.step + 1, params, new_rest, opt_state, state.rng), metrics
 
     def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, params=None):
-        model = nnx.merge(graphdef, state.params if params is None else params, state.model_state)
+        model = merge_model(graphdef, state.params if params is None else params, state.model_state)
         logits = model(preprocess(images), train=False)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return {"loss_sum": jnp.sum(per_example), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}, logits
