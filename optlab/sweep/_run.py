@@ -18,6 +18,7 @@ pieces as device memory requires.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -90,7 +91,8 @@ def make_members(config: dict, members: list[dict]) -> list[Member]:
             if dotted.startswith("optimizer.") and dotted.count(".") == 1 and dotted != "optimizer.name":
                 if dotted.split(".")[1] not in opt_args_i:
                     raise _config.ConfigError(
-                        f"member {i}: `{key}` is not a hyperparameter of optimizer {cfg['optimizer']['name']!r}"
+                        f"member {i}: `{key}` is not a hyperparameter of optimizer {cfg['optimizer']['name']!r}; "
+                        f"valid: {', '.join(sorted(opt_args_i))}"
                     )
             if isinstance(value, bool) or (not isinstance(value, (int, float, str)) and value is not None):
                 if not isinstance(value, (list, tuple)):
@@ -107,10 +109,34 @@ def make_members(config: dict, members: list[dict]) -> list[Member]:
             values[dotted] = value.item() if isinstance(value, np.generic) else value
         try:
             cfg = _config.resolve(cfg)
+            _check_model(cfg["model"])
         except _config.ConfigError as e:
             raise _config.ConfigError(f"member {i} ({values}): {e}") from e
         out.append(Member(i, values, cfg))
     return out
+
+
+def _check_model(model: dict) -> None:
+    # Models are built only when their group starts, so a typo in a swept model key (or a bad
+    # `init`) in a later group would otherwise surface after the earlier groups have trained.
+    from optlab.models import MODELS, get_initializer
+
+    name = model["name"]
+    cls = MODELS.get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
+        raise _config.ConfigError(f"`model.name` (={name!r}) must be one of {', '.join(map(repr, MODELS))}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "rngs"}
+    unknown = sorted(set(model) - accepted - {"name"})
+    if unknown:
+        raise _config.ConfigError(
+            f"unknown model argument(s) {', '.join(f'`model.{k}`' for k in unknown)} for model {name!r}; "
+            f"valid: {', '.join(sorted(accepted))}"
+        )
+    if "init" in model or "init_scale" in model:
+        try:
+            get_initializer(model.get("init", "default"), model.get("init_scale", 1.0))
+        except (TypeError, ValueError) as e:
+            raise _config.ConfigError(f"model section: {e}") from e
 
 
 def _structure_key(cfg: dict) -> str:
@@ -137,7 +163,22 @@ def _structure_key(cfg: dict) -> str:
 
 
 def _stack(trees):
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    # Stacked on the host: an eager jnp.stack compiles one program per leaf shape, which costs
+    # more than the copy for the small states of a sweep; extended dtypes (typed keys) stay in jax.
+    def stack(*xs):
+        if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.extended):
+            return jnp.stack(xs)
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree_util.tree_map(stack, *trees)
+
+
+@jax.jit
+def _freeze(alive, new, old):
+    """Members that diverged keep their last finite state; the others take the new one (one program)."""
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(alive.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+    )
 
 
 def _index(tree, i):
@@ -216,7 +257,7 @@ class _GroupProgram:
 
     def place(self, states):
         if self.member_sharding is None:
-            return states
+            return jax.device_put(states, self.devices[0])
         return jax.device_put(states, self.member_sharding)
 
 
@@ -242,7 +283,7 @@ def _in_flight(exp: Experiment, state, n: int, limit: int | None) -> int:
         per_member += int(getattr(mem, "temp_size_in_bytes", 0) or 0)
     except Exception:  # noqa: BLE001 - memory analysis is best effort; fall back to the state size
         pass
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in a multi-process run
     free = None
     stats = getattr(dev, "memory_stats", lambda: None)()
     if stats and "bytes_limit" in stats:
@@ -267,7 +308,7 @@ def run(
     max_in_flight: int | None = None,
     out_dir: str | os.PathLike | None = None,
     quiet: bool = False,
-    plots: bool = True,
+    plots: bool | None = None,
 ) -> SweepResult:
     """Train every member of a sweep; returns the results table, the best member and per-member curves.
 
@@ -279,6 +320,7 @@ def run(
       num_devices: local devices to shard members over (default: all).
       max_in_flight: members run at once (default: what fits in memory).
       out_dir: where to write ``results.csv``, ``results.md``, ``curves.npz``, plots.
+      plots: draw the plots into ``out_dir`` (default: the config's ``output.plots``).
     """
     t_start = time.perf_counter()
     expanded = make_members(config, members)
@@ -295,6 +337,8 @@ def run(
         raise ValueError(f"`strategy` (={strategy!r}) must be one of {STRATEGIES}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` (={chunk_size!r}) must be a positive integer")
+    if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+        raise ValueError(f"`max_in_flight` (={max_in_flight!r}) must be a positive integer")
 
     groups: dict[str, list[Member]] = {}
     for m in expanded:
@@ -351,11 +395,8 @@ def run(
                     bad = int(np.argmin(np.isfinite(losses[j])))
                     died[j] = {"epoch": epoch + 1, "step": epoch * exp.steps_per_epoch + bad + 1}
                 alive &= finite
-                keep = jnp.asarray(alive)
                 # Diverged members are frozen at their last finite state; the others go on.
-                stacked = jax.tree_util.tree_map(
-                    lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, stacked
-                )
+                stacked = _freeze(alive, new, stacked)
                 ev = jax.device_get(program.evaluate(stacked, exp.test_images, exp.test_labels))
                 for j, i in enumerate(idx):
                     gi_member = group[i].index
@@ -394,5 +435,5 @@ def run(
     if out_dir is not None:
         from optlab.sweep._report import write_report
 
-        write_report(result, out_dir, plots=plots)
+        write_report(result, out_dir, plots=expanded[0].config["output"]["plots"] if plots is None else plots)
     return result
