@@ -22,7 +22,15 @@ def get_config():
                 "pct_start": 0.25,
                 "anneal_strategy": "linear",
             },
-            "momentum": 0.9,
+            # OneCycleLR's cycled momentum (0.95 -> 0.85 -> 0.95), as PyTorch does by default.
+            "momentum": {
+                "schedule": "one_cycle",
+                "part": "momentum",
+                "max_lr": 0.4,
+                "total_steps": EPOCHS * STEPS_PER_EPOCH,
+                "pct_start": 0.25,
+                "anneal_strategy": "linear",
+            },
             "nesterov": True,
             "weight_decay": 5e-4,
         },

@@ -16,6 +16,9 @@ from the optlab function's own signature, so defaults live in one place.
 
 A schedule is a dict with a ``schedule`` key:
 ``"learning_rate": {"schedule": "cosine", "init_value": 0.1, "T_max": 1000}``.
+``one_cycle`` takes ``"part": "momentum"`` for its momentum curve (default:
+the learning rate), and ``per_epoch`` takes ``"inner": {...}`` and
+``"steps_per_epoch"``.
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 1,  # epochs; 0 = only at the end
         "keep_checkpoints": 2,
         "log_every": 50,  # steps between per-step log lines in the JSONL log
-        "epoch_scan": True,  # one compiled lax.scan per epoch
     },
     "output": {"dir": "runs", "name": None, "plots": True},
 }
@@ -180,6 +182,14 @@ def build_schedule(spec: dict, where: str):
         raise ConfigError(f"unknown schedule `{where}.schedule` (={kind!r}); known: {', '.join(sorted(registry))}")
     fn = registry[kind]
     valid = _signature_defaults(fn)
+    part = spec.pop("part", "learning_rate") if kind == "one_cycle" else None
+    if part not in (None, "learning_rate", "momentum"):
+        raise ConfigError(f"`{where}.part` (={part!r}) must be 'learning_rate' or 'momentum' (the two curves of one_cycle)")
+    if kind == "per_epoch":
+        # per_epoch's own argument is called `schedule`, the key that names the kind here: use `inner`.
+        if "schedule" in spec or "inner" not in spec:
+            raise ConfigError(f"`{where}`: per_epoch takes `inner` (the schedule to step per epoch) and `steps_per_epoch`")
+        spec["schedule"] = spec.pop("inner")
     for k in spec:
         if k not in valid:
             raise ConfigError(f"unknown argument `{where}.{k}` for schedule {kind!r}; valid: {', '.join(valid)}")
@@ -191,7 +201,7 @@ def build_schedule(spec: dict, where: str):
     except (TypeError, ValueError) as e:
         raise ConfigError(f"`{where}`: {e}") from e
     if kind == "one_cycle":
-        sched = sched.learning_rate
+        sched = getattr(sched, part)
     return sched
 
 

@@ -7,12 +7,16 @@ Layout in a run folder::
                                    atomically *after* the arrays, so its
                                    presence means the checkpoint is complete
 
-A checkpoint without its marker (the process died while saving), or whose
-arrays fail to restore, is skipped with a warning and the previous one is used.
+The marker also lists the SHA-256 of every file orbax wrote. A checkpoint
+without its marker (the process died while saving), whose files do not match
+their digests (truncated or corrupted later), or whose arrays fail to restore,
+is skipped with a warning and the previous one is used. Verifying the digests
+first keeps a damaged checkpoint away from orbax altogether.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -36,6 +40,29 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _digests(folder: pathlib.Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def _damage(folder: pathlib.Path, expected: dict[str, str]) -> str | None:
+    """A description of the first file that is missing or differs from its digest, else None."""
+    actual = _digests(folder)
+    for name, digest in expected.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != digest:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
 def save(folder: str | os.PathLike, epoch: int, state: Any, meta: dict, keep: int = 2) -> pathlib.Path:
     """Save ``state`` as the checkpoint of ``epoch`` and prune all but the newest ``keep``."""
     folder = pathlib.Path(folder)
@@ -49,7 +76,7 @@ def save(folder: str | os.PathLike, epoch: int, state: Any, meta: dict, keep: in
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(target.absolute(), state)
     ckptr.wait_until_finished()
-    _atomic_write_text(marker, json.dumps({"epoch": epoch, **meta}))
+    _atomic_write_text(marker, json.dumps({"epoch": epoch, **meta, "files": _digests(target)}))
     for old in committed(folder)[:-keep]:
         shutil.rmtree(folder / f"epoch_{old:04d}", ignore_errors=True)
         (folder / f"epoch_{old:04d}.json").unlink(missing_ok=True)
@@ -81,9 +108,14 @@ def restore_latest(folder: str | os.PathLike, like: Any) -> tuple[Any, dict] | N
         path = folder / f"epoch_{epoch:04d}"
         try:
             meta = json.loads((folder / f"epoch_{epoch:04d}.json").read_text())
+            problem = _damage(path, meta.get("files", {}))
+            if problem is not None:
+                warnings.warn(f"checkpoint {path} is damaged ({problem}); trying the previous one", RuntimeWarning)
+                continue
             state = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: use the previous one
             warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one", RuntimeWarning)
             continue
+        meta.pop("files", None)
         return state, meta
     return None

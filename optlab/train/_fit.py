@@ -149,7 +149,10 @@ class _Logger:
 
 
 def _finite_mean(x) -> float:
-    return float(np.mean(np.asarray(x, np.float64)))
+    """Mean over the finite entries (steps skipped by train.skip_nonfinite have NaN/inf losses)."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.mean(x)) if x.size else math.nan
 
 
 def fit(
@@ -189,8 +192,18 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
-        if saved != json.loads(json.dumps(cfg)):
-            raise _config.ConfigError(f"--resume: the config differs from the one saved in {run_dir / 'config.json'}")
+        now = json.loads(json.dumps(cfg))
+        # Only the length of the run and where outputs go may change on resume; anything else
+        # would make the continued run a different experiment.
+        for c in (saved, now):
+            c["train"].pop("epochs", None)
+            c.pop("output", None)
+        if saved != now:
+            diff = sorted(f"{sec}.{k}" for sec in now for k in set(now[sec]) | set(saved.get(sec, {}))
+                          if isinstance(now[sec], dict) and now[sec].get(k) != saved.get(sec, {}).get(k))
+            raise _config.ConfigError(
+                f"--resume: the config differs from the one saved in {run_dir / 'config.json'} at {diff}; "
+                "only train.epochs and output.* may change when resuming")
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     state = exp.init()

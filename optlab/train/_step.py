@@ -112,6 +112,10 @@ def make_steps(
         (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
         params = optlab.apply_updates(state.params, updates)
+        # A non-finite loss must not leak into BatchNorm statistics: if the optimizer skips the
+        # step (skip_nonfinite), the model state stays as it was too.
+        ok = jnp.isfinite(loss)
+        new_rest = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_rest, state.model_state)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
