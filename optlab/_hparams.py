@@ -54,8 +54,17 @@ def _as_hparam(name: str, value: Any) -> jax.Array:
         raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number, not a bool")
     try:
         return jnp.asarray(value, dtype=jnp.float32)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # numpy raises ValueError for strings
         raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number or array") from e
+
+
+def _strong(schedule: Schedule) -> Schedule:
+    """The schedule with every parameter a strongly typed array.
+
+    A Python number leaf would enter jit weakly typed, and the array that
+    `set_hyperparams` puts in its place is not: the step would be retraced.
+    """
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), schedule)
 
 
 def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientTransformationExtraArgs:
@@ -78,18 +87,20 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
       0.10000000149011612
     """
     absent = {k for k, v in hyperparams.items() if v is None}
-    scheduled = {k: v for k, v in hyperparams.items() if isinstance(v, Schedule)}
-    code = {k: v for k, v in hyperparams.items() if callable(v) and not isinstance(v, Schedule)}
-    numeric = {
-        k: _as_hparam(k, v) for k, v in hyperparams.items() if k not in absent and k not in scheduled and k not in code
+    # A plain callable becomes a parameterless Schedule: the function is static
+    # (part of the tree structure), so set_hyperparams rejects a number for it
+    # instead of storing a value the update would never read.
+    scheduled = {
+        k: _strong(v) if isinstance(v, Schedule) else Schedule(v, getattr(v, "__name__", "callable"), {})
+        for k, v in hyperparams.items()
+        if callable(v)
     }
+    numeric = {k: _as_hparam(k, v) for k, v in hyperparams.items() if k not in absent and k not in scheduled}
 
     def values_at(count, numeric_values, schedules):
         vals = dict(numeric_values)
         for k, s in schedules.items():
             vals[k] = jnp.asarray(s(count), jnp.float32)
-        for k, f in code.items():
-            vals[k] = jnp.asarray(f(count), jnp.float32)
         return vals
 
     def make(vals):

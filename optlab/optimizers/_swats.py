@@ -66,11 +66,13 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
         k = safe_increment(state.count)
         kf = k.astype(jnp.float32)
         # SGD phase (computed always, selected below; both are cheap elementwise maps).
-        v = _map(lambda v, g: b1 * v + g, state.sgd_momentum, updates)
+        # Moments keep their own dtype (that of the parameters): the float32
+        # hyperparameters would otherwise promote bfloat16 state to float32.
+        v = _map(lambda v, g: (b1 * v + g).astype(v.dtype), state.sgd_momentum, updates)
         sgd_step = _map(lambda v, g: (-(1 - b1) * state.sgd_learning_rate * v).astype(g.dtype), v, updates)
         # Adam phase.
-        mu = _map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-        nu = _map(lambda a, g: b2 * a + (1 - b2) * g * g, state.nu, updates)
+        mu = _map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
+        nu = _map(lambda a, g: (b2 * a + (1 - b2) * g * g).astype(a.dtype), state.nu, updates)
         step_size = learning_rate * jnp.sqrt(1 - b2**kf) / (1 - b1**kf)
         p = _map(lambda m, a, g: (-step_size * m / (jnp.sqrt(a) + eps)).astype(g.dtype), mu, nu, updates)
         pg = tree_vdot(p, updates)

@@ -131,18 +131,23 @@ def ema_params(decay=0.999) -> GradientTransformationExtraArgs:
     in a chain: it passes updates through unchanged and reads
     ``params + updates``. Starting from the initial weights (rather than zero)
     needs no bias correction. Read the average with `optlab.ema_of(state)`.
+    The average is kept in float32 at least: in bfloat16, the small steps
+    ``(1 - decay) * (w - avg)`` would mostly round away.
     """
     _checks.check_probability("decay", decay)
 
     def init_fn(params):
-        return EmaState(jnp.zeros([], count_dtype()), _map(lambda p: jnp.array(p, copy=True), params))
+        return EmaState(
+            jnp.zeros([], count_dtype()),
+            _map(lambda p: jnp.array(p, dtype=jnp.promote_types(jnp.asarray(p).dtype, jnp.float32), copy=True), params),
+        )
 
     def update_fn(updates, state, params=None, **extra):
         del extra
         if params is None:
             raise ValueError("ema_params needs `params` in update(updates, state, params)")
         new_params = _map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        ema = _map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state.ema, new_params)
+        ema = _map(lambda e, p: (decay * e + (1 - decay) * p.astype(e.dtype)).astype(e.dtype), state.ema, new_params)
         return updates, EmaState(safe_increment(state.count), ema)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
