@@ -51,10 +51,10 @@ def test_chain_passes_extra_args_to_transforms_that_take_them():
     )
     state = tx.init(PARAMS)
     for loss in [1.0, 2.0]:  # the second loss is worse: the plateau rule halves the scale
-        u, state = tx.update(GRADS, state, PARAMS, loss=loss)
-    assert log == [["loss"], ["loss"]]
+        u, state = tx.update(GRADS, state, PARAMS, value=loss)
+    assert log == [["value"], ["value"]]
     np.testing.assert_allclose(u["a"], -1.0 * np.asarray(GRADS["a"]))  # 2 * 0.5 * scale 1
-    u, state = tx.update(GRADS, state, PARAMS, loss=3.0)
+    u, state = tx.update(GRADS, state, PARAMS, value=3.0)
     np.testing.assert_allclose(u["a"], -0.5 * np.asarray(GRADS["a"]))
 
 
@@ -444,7 +444,7 @@ def test_reduce_on_plateau_reproduces_torch(case):
 
     @jax.jit
     def step(state, loss):
-        return tx.update(ones, state, None, loss=loss)
+        return tx.update(ones, state, None, value=loss)
 
     state, scales = tx.init(ones), []
     for loss in _LOSSES + [0.0]:
@@ -465,7 +465,7 @@ def test_reduce_on_plateau_accumulates_losses_into_one_evaluation():
     state, scales = tx.init(ones), []
     for loss in _LOSSES:
         for spread in (-0.05, 0.05):  # two losses whose mean is the epoch's loss
-            u, state = tx.update(ones, state, None, loss=loss + spread)
+            u, state = tx.update(ones, state, None, value=loss + spread)
             scales.append(float(u["w"][0]))
     np.testing.assert_allclose(scales[2::2], torch_lrs[:-1], rtol=1e-6)
     np.testing.assert_allclose(scales[3::2], torch_lrs[:-1], rtol=1e-6)

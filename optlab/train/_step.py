@@ -110,7 +110,8 @@ def make_steps(
             return cross_entropy(logits, labels, label_smoothing), (logits, new_rest)
 
         (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
+        # The loss reaches transforms that monitor it (reduce_on_plateau), under optax's name `value`.
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         params = optlab.apply_updates(state.params, updates)
         # A non-finite loss must not leak into BatchNorm statistics: if the optimizer skips the
         # step (skip_nonfinite), the model state stays as it was too.

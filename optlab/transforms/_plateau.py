@@ -34,7 +34,7 @@ def reduce_on_plateau(
     """Multiply updates by a scale that drops by ``factor`` when the loss plateaus.
 
     Feed the monitored value through the extra argument ``loss``:
-    ``tx.update(grads, state, params, loss=loss)``. Every
+    ``tx.update(grads, state, params, value=loss)`` (the name optax uses for it). Every
     ``accumulation_size`` calls, the mean of the losses seen is one
     *evaluation*, which follows PyTorch's ``ReduceLROnPlateau.step(metric)``:
     an evaluation that beats the best by more than ``threshold`` (relative:
@@ -82,12 +82,12 @@ def reduce_on_plateau(
         num_bad = jnp.where(reduce, 0, num_bad)
         return scale, best, num_bad.astype(count_dtype()), cooldown_left.astype(count_dtype())
 
-    def update_fn(updates, state, params=None, *, loss=None, **extra):
+    def update_fn(updates, state, params=None, *, value=None, **extra):
         del params, extra
-        if loss is None:
-            raise TypeError("reduce_on_plateau needs the monitored value: update(grads, state, params, loss=loss)")
+        if value is None:
+            raise TypeError("reduce_on_plateau needs the monitored value: update(grads, state, params, value=loss)")
         out = jax.tree_util.tree_map(lambda u: (state.scale * u).astype(u.dtype), updates)
-        loss_sum = state.loss_sum + jnp.asarray(loss, jnp.float32)
+        loss_sum = state.loss_sum + jnp.asarray(value, jnp.float32)
         count = safe_increment(state.count)
         due = (count % accumulation_size) == 0
         scale, best, num_bad, cooldown_left = evaluate(state, loss_sum / accumulation_size)

@@ -52,8 +52,9 @@ def skip_nonfinite(inner, max_consecutive_skips: int | None = None) -> GradientT
         _checks.check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
 
     def init_fn(params):
-        z = jnp.zeros([], count_dtype())
-        return SkipNonFiniteState(z, z, z, inner.init(params))
+        # Three distinct buffers: a training step that donates the state must not see one twice.
+        z = lambda: jnp.zeros([], count_dtype())  # noqa: E731
+        return SkipNonFiniteState(z(), z(), z(), inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
