@@ -27,7 +27,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, with_extra_args_support
+from optlab._base import (
+    GradientTransformationExtraArgs,
+    check_same_structure,
+    count_dtype,
+    safe_increment,
+    with_extra_args_support,
+)
 from optlab.schedules._core import Schedule
 
 
@@ -115,6 +121,8 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         return HyperparamsState(count, vals, dict(scheduled), inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        # Fail with both structures shown, not deep inside a tree_map of some block.
+        check_same_structure(updates, params, "gradient")
         numeric_now = {k: state.hyperparams[k] for k in numeric}
         vals = values_at(state.count, numeric_now, state.schedules)
         inner = make(vals)

@@ -497,3 +497,12 @@ def test_mismatched_gradient_tree_shows_both_structures(call):
         call()
     message = str(info.value)
     assert "'z'" in message and "'b'" in message  # both structures are printed
+
+
+@pytest.mark.parametrize("make", [optlab.sgd, optlab.adam, optlab.rmsprop, optlab.adagrad], ids=lambda f: f.__name__)
+def test_named_optimizer_rejects_mismatched_gradient_tree_showing_both(make):
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    opt = make(0.1)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"(?s)does not match the parameter tree.*gradient: PyTreeDef\(\{'a': \*\}\).*params: PyTreeDef\(\{'a': \*, 'b': \*\}\)"):
+        opt.update({"a": jnp.ones(2)}, state, params)
