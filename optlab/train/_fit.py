@@ -117,9 +117,10 @@ def _run_dir(cfg: dict, name_hint: str | None) -> pathlib.Path:
 class _Logger:
     """JSON lines for everything, a CSV row per epoch, and a console line per epoch."""
 
-    def __init__(self, run_dir: pathlib.Path, resume: bool, quiet: bool):
+    def __init__(self, run_dir: pathlib.Path, resume: bool, quiet: bool, total_epochs: int = 0):
         self.run_dir = run_dir
         self.quiet = quiet
+        self.total = total_epochs
         self.interactive = sys.stdout.isatty() and not os.environ.get("CI")
         mode = "a" if resume else "w"
         self.jsonl = open(run_dir / "log.jsonl", mode)
@@ -142,7 +143,20 @@ class _Logger:
                 f"  test_loss {h['test_loss']:.4f}  test_acc {h['test_accuracy']:.4f}"
                 f"  lr {h['learning_rate']:.3g}  {h['examples_per_second']:.0f} ex/s"
             )
-            print(("\r" if self.interactive else "") + line, flush=True)
+            if self.interactive:
+                # Overwrite the progress bar with the finished epoch's line.
+                print("\r" + line + " " * 8, flush=True)
+            else:
+                print(line, flush=True)
+
+    def progress(self, epoch: int, examples_per_second: float | None):
+        """On a terminal, a bar for the epoch now running (an epoch is one compiled call)."""
+        if self.quiet or not self.interactive or not self.total:
+            return
+        width = 30
+        done = int(width * epoch / self.total)
+        speed = f"  last epoch {examples_per_second:.0f} ex/s" if examples_per_second else ""
+        print(f"\r[{'#' * done}{'.' * (width - done)}] epoch {epoch + 1}/{self.total} running{speed}", end="", flush=True)
 
     def close(self):
         self.jsonl.close()
@@ -214,7 +228,7 @@ def fit(
         if restored is not None:
             state, meta = restored
             start_epoch, history = meta["epoch"], meta["history"]
-    log = _Logger(run_dir, resume and start_epoch > 0, quiet)
+    log = _Logger(run_dir, resume and start_epoch > 0, quiet, t["epochs"])
     log.event(kind="start", resume_epoch=start_epoch, jax=jax.__version__, backend=jax.default_backend(),
               steps_per_epoch=exp.steps_per_epoch)
 
@@ -232,6 +246,7 @@ def fit(
     last_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], stop_after_epochs)
     try:
         for epoch in range(start_epoch, last_epoch):
+            log.progress(epoch, history[-1]["examples_per_second"] if history else None)
             t0 = time.perf_counter()
             state, metrics = train_epoch(state, exp.train_images, exp.train_labels, epoch)
             metrics = jax.device_get(metrics)  # waits for the epoch to finish
