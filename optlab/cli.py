@@ -56,18 +56,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from optlab.train import lr_find, plot_lr_find
+    from optlab.train import lr_find, lr_find_many, plot_lr_find, plot_lr_find_many
 
     cfg, hint = _load(args.config, args.set)
-    try:
-        res = lr_find(cfg, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
-    except ValueError as e:  # bad --min-lr/--max-lr/--steps, or an optimizer without a learning rate
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"lr-find-{hint}.png")
-    plot_lr_find(res, out)
-    print(f"steps run: {len(res['losses'])}{' (stopped at divergence)' if res['stopped_early'] else ''}")
-    print(f"suggested learning rate: {res['suggestion']:.3g}")
+    kwargs = dict(min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps)
+    if args.optimizers:
+        results = lr_find_many(cfg, [o.strip() for o in args.optimizers.split(",") if o.strip()], **kwargs)
+        plot_lr_find_many(results, out)
+        for label, res in results.items():
+            stopped = " (stopped at divergence)" if res["stopped_early"] else ""
+            print(f"{label}: suggested learning rate {res['suggestion']:.3g} after {len(res['losses'])} steps{stopped}")
+    else:
+        res = lr_find(cfg, **kwargs)
+        plot_lr_find(res, out)
+        print(f"steps run: {len(res['losses'])}{' (stopped at divergence)' if res['stopped_early'] else ''}")
+        print(f"suggested learning rate: {res['suggestion']:.3g}")
     print(f"plot: {out}")
     return 0
 
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", help="where to write the plot")
+    p.add_argument("--optimizers", help="comma-separated optimizer names to test side by side, e.g. sgd,adam,rmsprop")
     p.set_defaults(fn=cmd_lr_find)
 
     p = sub.add_parser("sweep", help="train a config's get_sweep() members as one compiled program")

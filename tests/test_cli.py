@@ -121,6 +121,17 @@ def test_lr_find_prints_a_suggestion_and_writes_its_plot(tiny_file, tmp_path):
     assert plot.read_bytes()[:8] == PNG
 
 
+def test_lr_find_for_several_optimizers_reports_one_suggestion_each(tiny_file, tmp_path):
+    code, stdout, stderr = run(
+        "lr-find", tiny_file, "--steps", "20", "--optimizers", "sgd,adam", "--set", f"output.dir={tmp_path}"
+    )
+    assert code == 0, stderr
+    found = dict(re.findall(r"^(\w+): suggested learning rate (\S+) after", stdout, re.M))
+    assert set(found) == {"sgd", "adam"}
+    assert all(1e-6 <= float(v) <= 10.0 for v in found.values())
+    assert (tmp_path / "lr-find-tiny.png").read_bytes()[:8] == PNG
+
+
 ERRORS = [
     # (arguments after the config file or in place of it, text expected on stderr)
     (["train", "{tiny}", "--set", "train.epoch=3"], "`train.epoch`"),
@@ -133,6 +144,7 @@ ERRORS = [
     (["plot", "{tmp}"], "no metrics.csv"),
     (["lr-find", "{tiny}", "--set", "data.bogus=1"], "`data.bogus`"),
     (["lr-find", "{tiny}", "--min-lr", "1", "--max-lr", "0.1"], "min_lr"),
+    (["lr-find", "{tiny}", "--optimizers", "sgd,bogus"], "unknown optimizer 'bogus'"),
 ]
 
 

@@ -3,7 +3,7 @@
 from optlab.train._checkpoint import committed as committed_checkpoints
 from optlab.train._checkpoint import restore_latest, save
 from optlab.train._fit import DivergenceError, Experiment, build_model, build_optimizer, evaluate_run, fit
-from optlab.train._lr_find import lr_find, plot_lr_find
+from optlab.train._lr_find import lr_find, lr_find_many, plot_lr_find, plot_lr_find_many
 from optlab.train._plots import plot_run
 from optlab.train._step import (
     TrainState,
@@ -31,10 +31,12 @@ __all__ = [
     "fit",
     "init_state",
     "lr_find",
+    "lr_find_many",
     "make_evaluate",
     "make_steps",
     "make_train_epoch",
     "plot_lr_find",
+    "plot_lr_find_many",
     "plot_run",
     "restore_latest",
     "save",

@@ -104,3 +104,67 @@ def plot_lr_find(result: dict, path: str | pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def lr_find_many(cfg: dict, optimizers: list[str | dict], **kwargs) -> dict[str, dict]:
+    """The range test for several optimizers on the same config; returns ``{label: result}``.
+
+    Each entry is an optimizer name (its other arguments from the config's
+    optimizer section where the optimizer takes them) or a full optimizer
+    section. Every optimizer is a different program, so each compiles once.
+    """
+    import copy
+
+    from optlab import config as _config
+
+    if not optimizers:
+        raise ValueError("lr_find_many needs at least one optimizer")
+    for entry in optimizers:  # all names checked before anything trains
+        name = entry if isinstance(entry, str) else entry.get("name")
+        if name not in _config.OPTIMIZERS:
+            raise _config.ConfigError(f"unknown optimizer {name!r}; known: {', '.join(sorted(_config.OPTIMIZERS))}")
+    results = {}
+    for entry in optimizers:
+        c = copy.deepcopy(cfg)
+        if isinstance(entry, str):
+            if entry not in _config.OPTIMIZERS:
+                raise _config.ConfigError(f"unknown optimizer {entry!r}; known: {', '.join(sorted(_config.OPTIMIZERS))}")
+            valid = _config._signature_defaults(_config.OPTIMIZERS[entry])
+            spec = {k: v for k, v in c.get("optimizer", {}).items() if k in valid and k != "learning_rate"}
+            spec["name"] = entry
+            if "learning_rate" in valid:
+                spec["learning_rate"] = 1e-3  # replaced at every step of the test
+            label = entry
+        else:
+            spec, label = dict(entry), entry.get("name", "optimizer")
+        c["optimizer"] = spec
+        results[label] = lr_find(c, **kwargs)
+    return results
+
+
+def plot_lr_find_many(results: dict[str, dict], path: str | pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lows, highs = [], []
+    for label, r in results.items():
+        (line,) = ax.plot(r["lrs"], r["smoothed"], label=f"{label} (suggest {r['suggestion']:.2g})")
+        ax.axvline(r["suggestion"], color=line.get_color(), ls="--", alpha=0.6)
+        finite = [x for x in r["smoothed"] if math.isfinite(x)]
+        if finite:
+            lows.append(min(finite))
+            highs.append(min(max(finite), 4 * min(finite)))
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
+           title="learning-rate range test")
+    if lows:
+        ax.set_ylim(min(lows) * 0.9, max(highs) * 1.1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
