@@ -34,6 +34,8 @@ from optlab.optimizers import (
     swats_status,
 )
 from optlab.transforms import (
+    FlatState,
+    flatten,
     accumulate_gradients,
     add_decayed_weights,
     clip,
@@ -63,6 +65,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmptyState",
+    "FlatState",
     "GradientTransformation",
     "GradientTransformationExtraArgs",
     "HyperparamsState",
@@ -83,6 +86,7 @@ __all__ = [
     "decoupled_weight_decay",
     "ema_of",
     "ema_params",
+    "flatten",
     "global_norm",
     "hyperparams",
     "identity",

@@ -18,6 +18,7 @@ train step and an evaluation step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -158,6 +159,116 @@ def dropout_flag(train: bool | None) -> bool | None:
 
 def max_pool2(x: jax.Array) -> jax.Array:
     return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+# Channel-major layers
+# --------------------
+# XLA's CPU convolution is slow for the few channels of small networks (the
+# lectures' ConvNet spent ~80% of a training step in it), and so is the
+# select-and-scatter that differentiates ``reduce_window`` max pooling. The two
+# layers below compute the same functions as matrix products and elementwise
+# ops on activations laid out (channels, height, width, batch): the batch is
+# the contiguous axis, so every op vectorises over it, and an image patch is
+# a contiguous slab (``benchmarks/sweep_throughput.py``, docs/sweep_benchmarks.md).
+
+
+def conv3x3_channel_major(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """3x3 convolution, stride 1, 'SAME' zero padding, on a (C, H, W, B) activation.
+
+    With ``xp`` the input zero-padded by one pixel on each side of H and W::
+
+        out[o, h, w, b] = bias[o] + sum_{i, j < 3, c} kernel[i, j, c, o] * xp[c, h + i, w + j, b]
+
+    computed as one matrix product of the (O, 9C) kernel with the (9C, H*W*B)
+    patch matrix. This is ``nnx.Conv(C, O, (3, 3), padding="SAME")`` (and
+    ``torch.nn.Conv2d(C, O, 3, padding=1)``, a cross-correlation) applied in
+    another layout, equal to it to float32 round-off.
+
+    Args:
+      x: activations (C, H, W, B): channel-major, batch last.
+      kernel: (3, 3, C, O), Flax's HWIO layout (``nnx.Conv``'s ``kernel``).
+      bias: (O,) or None.
+
+    Returns:
+      (O, H, W, B).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((1, 4, 4, 2))  # one channel, 4x4, batch of 2
+      >>> out = conv3x3_channel_major(x, jnp.ones((3, 3, 1, 1)))
+      >>> out[0, :, :, 0].tolist()  # how many of the 9 taps fall inside the image
+      [[4.0, 6.0, 6.0, 4.0], [6.0, 9.0, 9.0, 6.0], [6.0, 9.0, 9.0, 6.0], [4.0, 6.0, 6.0, 4.0]]
+    """
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[0]):
+        raise ValueError(
+            f"conv3x3_channel_major expects x (C, H, W, B) and kernel (3, 3, C, O); got {x.shape} and {kernel.shape}"
+        )
+    c, h, w, n = x.shape
+    out_channels = kernel.shape[3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # (C, 9, H, W, B): the nine shifted copies are contiguous slabs in this layout.
+    patches = jnp.stack([xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=1)
+    weights = kernel.reshape(9, c, out_channels).transpose(2, 1, 0).reshape(out_channels, c * 9)
+    out = jnp.einsum("ok,khwb->ohwb", weights, patches.reshape(c * 9, h, w, n))
+    if bias is not None:
+        out = out + bias[:, None, None, None]
+    return out
+
+
+def _window_corners(x: jax.Array, axis: int):
+    # The four entries of each 2x2 window over axes (axis, axis + 1), in row-major order.
+    def corner(i, j):
+        y = jax.lax.slice_in_dim(x, i, x.shape[axis], 2, axis)
+        return jax.lax.slice_in_dim(y, j, x.shape[axis + 1], 2, axis + 1)
+
+    return corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool2x2(x: jax.Array, axis: int) -> jax.Array:
+    a, b, c, d = _window_corners(x, axis)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+@_max_pool2x2.defjvp
+def _max_pool2x2_jvp(axis, primals, tangents):
+    (x,), (t,) = primals, tangents
+    a, b, c, d = _window_corners(x, axis)
+    ta, tb, tc, td = _window_corners(t, axis)
+    out = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+    # The first maximum of the window carries the derivative (ties are common in
+    # ReLU outputs of quantised images), as XLA's select_and_scatter and torch's
+    # max_pool2d do; jnp.maximum's own rule would split it between tied entries.
+    return out, jnp.where(a == out, ta, jnp.where(b == out, tb, jnp.where(c == out, tc, td)))
+
+
+def max_pool2x2(x: jax.Array, axis: int = 1) -> jax.Array:
+    """Max pooling over non-overlapping 2x2 windows of axes ``(axis, axis + 1)``.
+
+    ``out[..., i, j, ...] = max(x[..., 2i, 2j, ...], x[..., 2i, 2j+1, ...],
+    x[..., 2i+1, 2j, ...], x[..., 2i+1, 2j+1, ...])``; a trailing odd row or
+    column is dropped ('VALID'). The derivative goes to the first maximum of
+    each window in row-major order, exactly as for ``nnx.max_pool(x, (2, 2),
+    strides=(2, 2))`` and ``torch.nn.MaxPool2d(2)``, but without
+    select-and-scatter (slow on the CPU): the rule is elementwise, written as a
+    ``jax.custom_jvp``, so forward- and reverse-mode both work.
+
+    Args:
+      x: an array with the two spatial axes next to each other.
+      axis: the first spatial axis (1 for NHWC and for (C, H, W, B)).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+      >>> max_pool2x2(x)[0, :, :, 0].tolist()
+      [[5.0, 7.0], [13.0, 15.0]]
+    """
+    check_int("axis", axis, minimum=0)
+    if axis + 1 >= x.ndim:
+        raise ValueError(f"`axis` (={axis}) must leave a second spatial axis in an array of shape {tuple(x.shape)}")
+    h, w = x.shape[axis] // 2 * 2, x.shape[axis + 1] // 2 * 2
+    x = jax.lax.slice_in_dim(jax.lax.slice_in_dim(x, 0, h, axis=axis), 0, w, axis=axis + 1)
+    return _max_pool2x2(x, int(axis))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -15,6 +15,7 @@ from optlab.transforms._adaptive import (
     scale_by_rms,
     scale_by_rprop,
 )
+from optlab.transforms._flat import FlatLayout, FlatState, flatten
 from optlab.transforms._momentum import (
     TraceState,
     VelocityState,
@@ -51,6 +52,8 @@ __all__ = [
     "AdagradState",
     "AdamState",
     "EmaState",
+    "FlatLayout",
+    "FlatState",
     "GainsState",
     "PartitionState",
     "PlateauState",
@@ -68,6 +71,7 @@ __all__ = [
     "decoupled_weight_decay",
     "ema_of",
     "ema_params",
+    "flatten",
     "identity",
     "masked",
     "partition",

@@ -1,0 +1,72 @@
+"""The benchmark scripts run end to end in their ``--quick`` mode and print their tables.
+
+Each benchmark's ``main`` is called on tiny sizes with one or two rounds and
+without PyTorch (tests must not need it). Only the shape of the output is
+checked: the tables exist, have their header, a separator and one row per
+measured case, and the numbers in them are positive. Timings are never
+asserted on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+import sys
+
+import pytest
+
+# Minutes on a 2-core CPU: run with `pytest -m benchmark` (excluded from the default run and CI).
+pytestmark = pytest.mark.benchmark
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def rows_of(markdown_table: str) -> list[list[str]]:
+    lines = [line for line in markdown_table.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, markdown_table
+    assert set(lines[1]) <= set("|-"), "second line must be the header separator"
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
+
+
+# module, arguments, rows expected, leading label columns
+CASES = [
+    ("bandwidth", ["--quick"], 4, 1),
+    ("update_step", ["--quick", "--trees", "10 x 6.5k", "--optimizers", "sgd,adam", "--no-torch", "--rounds", "1"], 2, 1),
+    ("compile_time", ["--quick", "--trees", "small1000", "--optimizers", "sgd"], 1, 1),
+    ("train_step", ["--quick", "--workloads", "MNIST ConvNet", "--no-torch", "--rounds", "1"], 4, 2),
+]
+
+
+@pytest.mark.parametrize("module, argv, expected_rows, labels", CASES, ids=[c[0] for c in CASES])
+def test_benchmark_quick_mode_prints_its_table(bench, capsys, module, argv, expected_rows, labels):
+    result = bench(module).main(argv)
+    out = capsys.readouterr().out
+    assert "jax " in out and "cores" in out  # the environment line
+    tables = [t for t in result["tables"] if "|" in t]
+    assert len(tables) == 1
+    assert tables[0] in out
+    rows = rows_of(tables[0])
+    assert len(rows) == expected_rows
+    for row in rows:
+        values = [c for c in row[labels:] if c != "n/a"]
+        assert values and all(numbers(c) for c in values), row
+        assert all(x >= 0 for c in values for x in numbers(c)), row
+
+
+def test_update_step_rejects_an_unknown_optimizer(bench):
+    with pytest.raises(SystemExit):
+        bench("update_step").main(["--quick", "--optimizers", "adamax"])
