@@ -307,7 +307,9 @@ def extrapolate(epoch_times: list[list[float]], epochs: int, target: int) -> flo
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.environ.setdefault("OPTLAB_DATA", str(ROOT.parent / "shared" / "data"))
+    shared = ROOT.parent / "shared" / "data"  # the datasets beside the project, where present
+    if shared.is_dir():
+        os.environ.setdefault("OPTLAB_DATA", str(shared))
     import jax  # noqa: F401 - imported before any timing
 
     from benchmarks import _common as C

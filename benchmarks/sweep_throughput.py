@@ -181,7 +181,9 @@ def main(argv=None) -> dict:
     if args.host_devices and "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.host_devices}".strip()
-    os.environ.setdefault("OPTLAB_DATA", str(ROOT.parent / "shared" / "data"))
+    shared = ROOT.parent / "shared" / "data"  # the datasets beside the project, where present
+    if shared.is_dir():
+        os.environ.setdefault("OPTLAB_DATA", str(shared))
     import jax
 
     from benchmarks import _common as C

@@ -114,16 +114,17 @@ def optlab_epoch_runner(work, images, labels, batches: int):
     tx = work["optlab"]()
     graphdef, state = init_state(work["model"](), tx, 0)
     train_step, _ = make_steps(graphdef, tx, preprocess=preprocess)
-    epoch = jax.jit(make_train_epoch(train_step, images.shape[0]), donate_argnums=0)
+    train_epoch = make_train_epoch(train_step, images.shape[0])
+    # The epoch number stays on the device, as fit's would inside a compiled loop.
+    epoch = jax.jit(lambda s, x, y, e: (train_epoch(s, x, y, e)[0], e + 1), donate_argnums=0)
     data_x = jnp.concatenate([images] * batches)
     data_y = jnp.concatenate([labels] * batches)
-    box = [state, 0]
+    box = [state, jnp.zeros((), jnp.int32)]
 
     def run(n: int) -> None:
         s, e = box
         for _ in range(-(-n // batches)):
-            s, _ = epoch(s, data_x, data_y, e)
-            e += 1
+            s, e = epoch(s, data_x, data_y, e)
         jax.block_until_ready(s)
         box[:] = [s, e]
 
@@ -160,8 +161,8 @@ def torch_runner(work, images, labels):
     model = torch_model(kind, *rest)
     model.train()
     opt = getattr(torch.optim, cls)(model.parameters(), **kwargs)
-    x_u8 = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(np.asarray(labels)).long()
+    x_u8 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(np.array(labels)).long()
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run(n: int) -> None:

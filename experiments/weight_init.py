@@ -11,7 +11,8 @@ of them after 10 epochs.
     python experiments/weight_init.py --epochs 1 --out runs/wi1
     python experiments/weight_init.py --quick               # smoke run: 2 members, 512 images, 1 epoch
 
-Writes ``<out>/weight_init.md`` (the table below, with the run's wall time,
+MNIST is read from ``$OPTLAB_DATA/mnist`` (default: ``../shared/data`` beside
+the project when it exists, else optlab's usual search and download). Writes ``<out>/weight_init.md`` (the table below, with the run's wall time,
 strategy and machine) next to the sweep's own ``results.csv``/``results.md``,
 ``curves.npz`` and plots, and prints the table.
 """
@@ -28,6 +29,17 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mnist_convnet.py"
 LECTURE_RANGE = (0.973, 0.978)  # test accuracy after 10 epochs, every initialisation
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +71,9 @@ def table_markdown(rows: list[dict], descriptions: dict[str, str], epochs: int) 
 def main(argv=None) -> dict:
     """Run the sweep; returns ``{"rows", "seconds", "strategy", "markdown", "out_dir", "in_lecture_range"}``."""
     args = parse_args(argv)
+    shared = ROOT.parent / "shared" / "data"  # the datasets beside the project, where present
+    if shared.is_dir():
+        os.environ.setdefault("OPTLAB_DATA", str(shared))
     import jax
 
     import optlab.sweep as sweep
@@ -100,7 +115,7 @@ def main(argv=None) -> dict:
         "",
         f"{len(rows)} members in one `optlab.sweep.run` (strategy {', '.join(strategies)}), "
         f"{seconds:.1f} s wall time including data loading, compilation and a test evaluation per epoch.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.default_backend()}), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end.",
         f"Command: `python {' '.join(['experiments/weight_init.py'] + list(sys.argv[1:] if argv is None else argv))}`",
         "",

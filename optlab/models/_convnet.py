@@ -33,7 +33,7 @@ class ConvNet(nnx.Module):
     the convolutions are matrix products over image patches
     (`conv3x3_channel_major`, `max_pool2x2`): the same function as
     ``nnx.Conv`` + ``nnx.max_pool`` to float32 round-off, with the same
-    parameters, and 5-7x faster to train on the CPU, where XLA's convolution
+    parameters, and about 4x faster to train on the CPU, where XLA's convolution
     of 1-8 channels is slow (docs/sweep_benchmarks.md).
 
     Args:

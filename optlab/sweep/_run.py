@@ -270,19 +270,24 @@ def _member_state(member: Member, exp: Experiment):
     return graphdef, state
 
 
-def _in_flight(exp: Experiment, state, n: int, limit: int | None) -> int:
+def _in_flight(exp: Experiment, state, n: int, limit: int | None, strategy: str = "vmap") -> int:
     """How many members to run at once: the user's limit, else what fits in half the free memory."""
     if limit is not None:
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"`max_in_flight` (={limit!r}) must be a positive integer")
         return min(limit, n)
     per_member = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-    try:
-        compiled = jax.jit(exp.train_epoch).lower(state, exp.train_images, exp.train_labels, 0).compile()
-        mem = compiled.memory_analysis()
-        per_member += int(getattr(mem, "temp_size_in_bytes", 0) or 0)
-    except Exception:  # noqa: BLE001 - memory analysis is best effort; fall back to the state size
-        pass
+    # Batched strategies hold every member's activations at once, so they need the epoch's
+    # temporary memory per member (from compiling one member's epoch: seconds on a CPU). "map"
+    # trains one member at a time inside the program: its temporaries are one member's, whatever
+    # the number of members, and only the stacked states grow.
+    if strategy != "map":
+        try:
+            compiled = jax.jit(exp.train_epoch).lower(state, exp.train_images, exp.train_labels, 0).compile()
+            mem = compiled.memory_analysis()
+            per_member += int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+        except Exception:  # noqa: BLE001 - memory analysis is best effort; fall back to the state size
+            pass
     dev = jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in a multi-process run
     free = None
     stats = getattr(dev, "memory_stats", lambda: None)()
@@ -371,7 +376,7 @@ def run(
                     "width) as separate values of a dotted key such as `optimizer.name` or `model.width`"
                 )
             states.append(st)
-        in_flight = _in_flight(exp, states[0], len(group), max_in_flight)
+        in_flight = _in_flight(exp, states[0], len(group), max_in_flight, strat)
         # Round the pieces to whole multiples of the device count (padding repeats the last member).
         nd = len(devices)
         per_piece = max(nd, (in_flight // nd) * nd)
