@@ -136,11 +136,12 @@ def test_conv3x3_channel_major_equals_lax_convolution(channels, out, size):
     w = jax.random.normal(kw, (3, 3, channels, out))
     b = jax.random.normal(kb, (out,))
     to_cm, to_nhwc = (lambda a: a.transpose(3, 1, 2, 0)), (lambda a: a.transpose(3, 1, 2, 0))
-    got = to_nhwc(conv3x3_channel_major(to_cm(x), w, b))
+    got = jax.jit(lambda x, w, b: to_nhwc(conv3x3_channel_major(to_cm(x), w, b)))(x, w, b)
     np.testing.assert_allclose(got, _lax_conv(x, w, b), rtol=1e-5, atol=1e-5)
     probe = jax.random.normal(jax.random.key(1), got.shape)  # a random cotangent
-    mine = jax.grad(lambda x, w, b: jnp.sum(probe * to_nhwc(conv3x3_channel_major(to_cm(x), w, b))), (0, 1, 2))(x, w, b)
-    ref = jax.grad(lambda x, w, b: jnp.sum(probe * _lax_conv(x, w, b)), (0, 1, 2))(x, w, b)
+    mine = jax.jit(jax.grad(lambda x, w, b: jnp.sum(probe * to_nhwc(conv3x3_channel_major(to_cm(x), w, b))),
+                            (0, 1, 2)))(x, w, b)
+    ref = jax.jit(jax.grad(lambda x, w, b: jnp.sum(probe * _lax_conv(x, w, b)), (0, 1, 2)))(x, w, b)
     for a, r in zip(mine, ref):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
@@ -154,14 +155,14 @@ def test_max_pool2x2_equals_reduce_window_pooling_ties_included(shape):
     # Small integers: most windows hold tied maxima, where the derivative rule matters.
     x = jax.random.randint(jax.random.key(2), shape, 0, 3).astype(jnp.float32)
     ref_pool = lambda a: nnx.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731 - select_and_scatter derivative
-    np.testing.assert_array_equal(max_pool2x2(x), ref_pool(x))
+    np.testing.assert_array_equal(jax.jit(max_pool2x2)(x), ref_pool(x))
     probe = jax.random.normal(jax.random.key(3), ref_pool(x).shape)
-    got = jax.grad(lambda a: jnp.sum(probe * max_pool2x2(a)))(x)
-    want = jax.grad(lambda a: jnp.sum(probe * ref_pool(a)))(x)
+    got = jax.jit(jax.grad(lambda a: jnp.sum(probe * max_pool2x2(a))))(x)
+    want = jax.jit(jax.grad(lambda a: jnp.sum(probe * ref_pool(a))))(x)
     np.testing.assert_array_equal(got, want)
     # Forward mode agrees with reverse mode (a custom_jvp rule, not a custom_vjp).
     tangent = jax.random.normal(jax.random.key(4), shape)
-    _, jvp_out = jax.jvp(max_pool2x2, (x,), (tangent,))
+    _, jvp_out = jax.jit(lambda a, t: jax.jvp(max_pool2x2, (a,), (t,)))(x, tangent)
     np.testing.assert_allclose(jnp.sum(probe * jvp_out), jnp.sum(got * tangent), rtol=1e-5)
     # Channel-major layout: the same pooling over axes (1, 2) of (C, H, W, B).
     cm = x.transpose(3, 1, 2, 0)
@@ -187,8 +188,8 @@ def test_convnet_equals_its_xla_convolution_formulation():
         logits = call(merge_model(graphdef, p, rest), x)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)), logits
 
-    (l1, z1), g1 = jax.value_and_grad(lambda p: loss(p, lambda m, a: m(a)), has_aux=True)(params)
-    (l2, z2), g2 = jax.value_and_grad(lambda p: loss(p, xla), has_aux=True)(params)
+    (l1, z1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, lambda m, a: m(a)), has_aux=True))(params)
+    (l2, z2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, xla), has_aux=True))(params)
     np.testing.assert_allclose(z1, z2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
