@@ -65,7 +65,8 @@ def environment() -> dict:
     """Versions, processor, core count and the load at the time of the run."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     return {
@@ -128,7 +129,9 @@ def calibrate(run: Callable[[int], None], target_s: float, max_number: int = 10_
     return int(min(max_number, max(1, round(target_s / once))))
 
 
-def interleaved(runners: dict[str, Callable[[int], None]], rounds: int, number: dict[str, int] | int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict[str, Callable[[int], None]], rounds: int, number: dict[str, int] | int, warmup: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call of each runner, one value per round, rounds interleaved across runners."""
     if isinstance(number, int):
         number = {k: number for k in runners}

@@ -31,7 +31,18 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from _common import base_parser, calibrate, emit, environment, fmt_time, interleaved, median, spread_pct, table, threaded_runner
+from _common import (
+    base_parser,
+    calibrate,
+    emit,
+    environment,
+    fmt_time,
+    interleaved,
+    median,
+    spread_pct,
+    table,
+    threaded_runner,
+)
 
 KERNELS = {
     # name: (function of (out, b, c, s), bytes per element)
@@ -75,7 +86,8 @@ def main(argv=None) -> dict:
         [name, f"{r['bytes'] / n:.0f}", fmt_time(r["time"]), f"{r['gbps']:.1f}", f"{r['spread']:.0f}%"]
         for name, r in res.items()
     ]
-    title = f"Memory bandwidth with JAX: float32 arrays of {n:,} elements ({4 * n / 2**20:.0f} MiB), median of {rounds} rounds"
+    size = f"{4 * n / 2**20:.0f} MiB" if n >= 1 << 18 else f"{4 * n / 2**10:.0f} KiB"
+    title = f"Memory bandwidth with JAX: float32 arrays of {n:,} elements ({size}), median of {rounds} rounds"
     tables = [table(["kernel", "bytes/elem", "time/call", "GB/s", "spread (IQR)"], rows, title)]
     return emit({"environment": environment(), "bandwidth": res, "n": n, "tables": tables}, args.json)
 

@@ -68,7 +68,9 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (1 if args.quick else 5)
     optimizers = args.optimizers.split(",") if args.optimizers else list(OPTIMIZERS)
     all_trees = {
-        "resnet9": ("ResNet-9 (width 4)", lambda: model_params(4)) if args.quick else ("ResNet-9 (CIFAR-10)", lambda: model_params(64)),
+        "resnet9": ("ResNet-9 (width 4)", lambda: model_params(4))
+        if args.quick
+        else ("ResNet-9 (CIFAR-10)", lambda: model_params(64)),
         "small1000": ("50 small arrays", lambda: array_tree(small_sizes(50, 20_000), 0))
         if args.quick
         else ("1000 small arrays (1M)", lambda: array_tree(small_sizes(1000, 1_000_000), 0)),
@@ -113,7 +115,10 @@ def main(argv=None) -> dict:
             "optlab x optax",
             "flat x optax",
         ]
-        title = f"Time to first step, {label} ({n_leaves} arrays): median of {rounds} rounds (total = init + trace + compile + first run)"
+        title = (
+            f"Time to first step, {label} ({n_leaves} arrays): median of {rounds} rounds "
+            "(total = init + trace + compile + first run)"
+        )
         tables.append(table(headers, rows, title))
     return emit({"environment": environment(), "records": records, "tables": tables}, args.json)
 

@@ -279,10 +279,12 @@ def test_nnx_state_parameters():
     model = CNN(channels=(4, 8), batchnorm="before", rngs=nnx.Rngs(0))
     _, params, _ = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    grads = [
-        jax.tree_util.tree_unflatten(treedef, [jnp.asarray(np.random.default_rng(k * 97 + i).standard_normal(x.shape), x.dtype) for i, x in enumerate(leaves)])
-        for k in range(6)
-    ]
+    def random_like(k):
+        rngs = [np.random.default_rng(k * 97 + i) for i in range(len(leaves))]
+        new = [jnp.asarray(r.standard_normal(x.shape), x.dtype) for r, x in zip(rngs, leaves)]
+        return jax.tree_util.tree_unflatten(treedef, new)
+
+    grads = [random_like(k) for k in range(6)]
     per_leaf, _ = trajectory(optlab.adamw(1e-2), params, grads)
     flat, _ = trajectory(flatten(optlab.adamw(1e-2)), params, grads)
     assert isinstance(flat[-1], nnx.State)

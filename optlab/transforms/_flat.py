@@ -165,7 +165,9 @@ class FlatLayout:
     def _leaves_of(self, tree: Any, what: str) -> list:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         if treedef != self.treedef:
-            raise ValueError(f"the {what} tree does not match the parameter tree:\n  {what}: {treedef}\n  params: {self.treedef}")
+            raise ValueError(
+                f"the {what} tree does not match the parameter tree:\n  {what}: {treedef}\n  params: {self.treedef}"
+            )
         for i, x in enumerate(leaves):
             shape, dtype = tuple(np.shape(x)), np.dtype(jnp.result_type(x))
             if shape != self.shapes[i] or dtype != self.dtypes[i]:
