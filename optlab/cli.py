@@ -76,6 +76,12 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cmd_sweep(args) -> int:
     import optlab.sweep as sweep
 
@@ -99,6 +105,11 @@ def cmd_sweep(args) -> int:
         return (sweep.run_distributed if distributed else sweep.run)(cfg, members, **kwargs), out
 
     if args.coordinator is None:
+        # One CPU device per core, so that members sharded over devices use every core
+        # (a no-op on accelerators, and where the user chose a device count).
+        from optlab._host import set_cpu_devices
+
+        set_cpu_devices(max(args.devices or 0, _cores()) or None)
         res, out = sweep_here()
     else:
         import jax

@@ -711,3 +711,89 @@ def test_bad_input_shapes_are_rejected(make, shape, match):
     model = make()
     with pytest.raises(ValueError, match=match):
         model(jnp.zeros(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ConvNet's channel-major layers (written for speed on the CPU) against XLA's own
+# convolution and reduce-window max pooling: values and derivatives, tied maxima included.
+
+
+def _lax_conv(x_nhwc, kernel, bias):
+    return jax.lax.conv_general_dilated(x_nhwc, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+@pytest.mark.parametrize(("channels", "out", "size"), [(1, 4, (28, 28)), (4, 8, (14, 14)), (3, 2, (5, 7))])
+def test_conv3x3_channel_major_equals_lax_convolution(channels, out, size):
+    from optlab.models._layers import conv3x3_channel_major
+
+    kx, kw, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (6, *size, channels))
+    w = jax.random.normal(kw, (3, 3, channels, out))
+    b = jax.random.normal(kb, (out,))
+    to_cm, to_nhwc = (lambda a: a.transpose(3, 1, 2, 0)), (lambda a: a.transpose(3, 1, 2, 0))
+    got = jax.jit(lambda x, w, b: to_nhwc(conv3x3_channel_major(to_cm(x), w, b)))(x, w, b)
+    np.testing.assert_allclose(got, _lax_conv(x, w, b), rtol=1e-5, atol=1e-5)
+    probe = jax.random.normal(jax.random.key(1), got.shape)  # a random cotangent
+    mine = jax.jit(jax.grad(lambda x, w, b: jnp.sum(probe * to_nhwc(conv3x3_channel_major(to_cm(x), w, b))),
+                            (0, 1, 2)))(x, w, b)
+    ref = jax.jit(jax.grad(lambda x, w, b: jnp.sum(probe * _lax_conv(x, w, b)), (0, 1, 2)))(x, w, b)
+    for a, r in zip(mine, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 2), (2, 7, 9, 3)])  # even, and odd sizes (last row/column dropped)
+def test_max_pool2x2_equals_reduce_window_pooling_ties_included(shape):
+    from flax import nnx
+
+    from optlab.models._layers import max_pool2x2
+
+    # Small integers: most windows hold tied maxima, where the derivative rule matters.
+    x = jax.random.randint(jax.random.key(2), shape, 0, 3).astype(jnp.float32)
+    ref_pool = lambda a: nnx.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731 - select_and_scatter derivative
+    np.testing.assert_array_equal(jax.jit(max_pool2x2)(x), ref_pool(x))
+    probe = jax.random.normal(jax.random.key(3), ref_pool(x).shape)
+    got = jax.jit(jax.grad(lambda a: jnp.sum(probe * max_pool2x2(a))))(x)
+    want = jax.jit(jax.grad(lambda a: jnp.sum(probe * ref_pool(a))))(x)
+    np.testing.assert_array_equal(got, want)
+    # Forward mode agrees with reverse mode (a custom_jvp rule, not a custom_vjp).
+    tangent = jax.random.normal(jax.random.key(4), shape)
+    _, jvp_out = jax.jit(lambda a, t: jax.jvp(max_pool2x2, (a,), (t,)))(x, tangent)
+    np.testing.assert_allclose(jnp.sum(probe * jvp_out), jnp.sum(got * tangent), rtol=1e-5)
+    # Channel-major layout: the same pooling over axes (1, 2) of (C, H, W, B).
+    cm = x.transpose(3, 1, 2, 0)
+    np.testing.assert_array_equal(max_pool2x2(cm, axis=1).transpose(3, 1, 2, 0), ref_pool(x))
+
+
+def test_convnet_equals_its_xla_convolution_formulation():
+    from flax import nnx
+
+    from optlab.models import ConvNet, merge_model, split_model
+
+    model = ConvNet(init="he_normal", rngs=nnx.Rngs(0))
+    graphdef, params, rest = split_model(model)
+    x = jax.random.uniform(jax.random.key(5), (16, 28, 28, 1))
+    y = jnp.arange(16) % 10
+
+    def xla(m, a):  # the ConvNet as first written, NHWC with XLA's convolution
+        a = nnx.max_pool(jax.nn.relu(m.conv1(a)), (2, 2), strides=(2, 2))
+        a = nnx.max_pool(jax.nn.relu(m.conv2(a)), (2, 2), strides=(2, 2))
+        return m.linear(a.reshape(a.shape[0], -1))
+
+    def loss(p, call):
+        logits = call(merge_model(graphdef, p, rest), x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)), logits
+
+    (l1, z1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, lambda m, a: m(a)), has_aux=True))(params)
+    (l2, z2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, xla), has_aux=True))(params)
+    np.testing.assert_allclose(z1, z2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_max_pool2x2_window_of_nans_gives_the_derivative_to_its_last_entry():
+    from optlab.models._layers import max_pool2x2
+
+    x = jnp.full((1, 2, 2, 1), jnp.nan).at[0, 0, 0, 0].set(1.0)  # no entry equals the NaN maximum
+    g = jax.grad(lambda a: jnp.sum(max_pool2x2(a)))(x)
+    np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 0.0], [0.0, 1.0]])
