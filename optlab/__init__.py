@@ -15,7 +15,6 @@ from optlab._base import (
     global_norm,
     identity,
 )
-from optlab._host import retain_host_memory, set_cpu_devices
 from optlab._hparams import HyperparamsState, hyperparams, set_hyperparams, with_hyperparams
 from optlab.optimizers import (
     LbfgsState,
@@ -65,8 +64,6 @@ from optlab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "retain_host_memory",
-    "set_cpu_devices",
     "EmptyState",
     "FlatState",
     "GradientTransformation",

@@ -47,8 +47,8 @@ def retain_host_memory() -> bool:
       True if the allocator settings are in effect.
 
     Example:
-      >>> import optlab
-      >>> optlab.retain_host_memory() in (True, False)
+      >>> from optlab.train import retain_host_memory
+      >>> retain_host_memory() in (True, False)
       True
     """
     global _applied

@@ -65,9 +65,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 1,  # epochs; 0 = only at the end
         "keep_checkpoints": 2,
         "log_every": 50,  # steps between per-step log lines in the JSONL log
+        # How an epoch runs: "scan" (one compiled lax.scan), "step" (a Python loop over one jitted
+        # step) or "auto" ("step" for conv models on the CPU, where a conv gradient in a loop is slow).
+        "loop": "auto",
     },
     "output": {"dir": "runs", "name": None, "plots": True},
 }
+
+# The values of train.loop (optlab.train.choose_epoch_loop resolves "auto").
+EPOCH_LOOPS = ("auto", "scan", "step")
 
 OPTIMIZERS = {
     "sgd": optlab.sgd,
@@ -265,6 +271,8 @@ def _check_values(cfg: dict) -> None:
         fail("train.clip_global_norm", t["clip_global_norm"], "a positive number or None")
     if t["ema_decay"] is not None and (not is_number(t["ema_decay"]) or not 0 <= t["ema_decay"] < 1):
         fail("train.ema_decay", t["ema_decay"], "a number in [0, 1) or None")
+    if t["loop"] not in EPOCH_LOOPS:
+        fail("train.loop", t["loop"], f"one of {', '.join(map(repr, EPOCH_LOOPS))}")
 
 
 def resolve(cfg: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Host settings: `optlab.retain_host_memory` and `optlab.set_cpu_devices`.
+"""Host settings: `optlab.train.retain_host_memory` and `optlab.train.set_cpu_devices`.
 
 Both act on process-wide state that JAX or glibc fix early, so each check
 runs in a fresh interpreter.
@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-import optlab
+from optlab.train import set_cpu_devices
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -26,21 +26,21 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("code", "env", "expected"),
     [
-        ("n = optlab.set_cpu_devices(2)", {}, "2 2"),
-        ("n = optlab.set_cpu_devices()", {}, f"{len(os.sched_getaffinity(0))} {len(os.sched_getaffinity(0))}"),
+        ("n = optlab.train.set_cpu_devices(2)", {}, "2 2"),
+        ("n = optlab.train.set_cpu_devices()", {}, f"{len(os.sched_getaffinity(0))} {len(os.sched_getaffinity(0))}"),
         # The user's own choice wins.
-        ("n = optlab.set_cpu_devices(2)", {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, "3 3"),
-        ("jax.config.update('jax_num_cpu_devices', 3); n = optlab.set_cpu_devices()", {}, "3 3"),
+        ("n = optlab.train.set_cpu_devices(2)", {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, "3 3"),
+        ("jax.config.update('jax_num_cpu_devices', 3); n = optlab.train.set_cpu_devices()", {}, "3 3"),
     ],
 )
 def test_set_cpu_devices(code, env, expected):
-    out = _run(f"import jax, optlab\n{code}\nprint(n, len(jax.devices('cpu')))", **env)
+    out = _run(f"import jax, optlab.train\n{code}\nprint(n, len(jax.devices('cpu')))", **env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == expected.split()
 
 
 def test_set_cpu_devices_after_jax_started_names_the_cause():
-    out = _run("import jax, jax.numpy as jnp, optlab\njnp.ones(2).block_until_ready()\noptlab.set_cpu_devices(3)")
+    out = _run("import jax, jax.numpy as jnp, optlab.train\njnp.ones(2).block_until_ready()\noptlab.train.set_cpu_devices(3)")
     assert out.returncode != 0
     assert "set_cpu_devices(3): JAX has already started with 1 CPU device(s)" in out.stderr
 
@@ -48,16 +48,16 @@ def test_set_cpu_devices_after_jax_started_names_the_cause():
 @pytest.mark.parametrize("bad", [0, -1, 2.0, "2"])
 def test_set_cpu_devices_rejects_bad_counts(bad):
     with pytest.raises((ValueError, TypeError), match="`n`"):
-        optlab.set_cpu_devices(bad)
+        set_cpu_devices(bad)
 
 
 # The pattern of XLA:CPU's scratch buffer (allocated and freed on every call), with a block
 # above the largest size glibc ever serves from its heap by default (32 MiB), so that without
 # the setting every call gets fresh pages from the kernel and faults on each of them.
 _FAULTS = """
-import ctypes, resource, optlab
-applied = optlab.retain_host_memory()
-assert optlab.retain_host_memory() == applied  # idempotent
+import ctypes, resource, optlab.train
+applied = optlab.train.retain_host_memory()
+assert optlab.train.retain_host_memory() == applied  # idempotent
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -91,6 +91,6 @@ def test_retain_host_memory_stops_scratch_buffers_page_faulting(switch):
 
 
 def test_retain_host_memory_can_be_switched_off():
-    out = _run("import optlab\nprint(optlab.retain_host_memory())", OPTLAB_RETAIN_HOST_MEMORY="0")
+    out = _run("import optlab.train\nprint(optlab.train.retain_host_memory())", OPTLAB_RETAIN_HOST_MEMORY="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -32,7 +32,7 @@ import pytest
 
 import optlab
 import optlab.data
-from optlab.config import default_config, resolve
+from optlab.config import ConfigError, default_config, resolve
 from optlab.train import (
     DivergenceError,
     Experiment,
@@ -143,6 +143,23 @@ def test_stop_and_resume_in_process_equals_uninterrupted_run(bn_run, tmp_path):
     restored, meta = restore_latest(run_dir / "checkpoints", bn_run["state"])
     assert meta["epoch"] == BN_EPOCHS
     assert_states_equal(restored, bn_run["state"])
+
+
+def test_resume_of_a_run_saved_before_a_config_key_existed(bn_run, tmp_path):
+    # A run folder written by an older optlab lacks keys added since (here `train.loop`):
+    # they take their defaults, so the run still resumes to the same bits.
+    run_dir = tmp_path / "run"
+    fit(BN_CONFIG, run_dir=run_dir, quiet=True, stop_after_epochs=2)
+    saved = json.loads((run_dir / "config.json").read_text())
+    del saved["train"]["loop"]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    second = fit(BN_CONFIG, run_dir=run_dir, resume=True, quiet=True)
+    assert_states_equal(second["state"], bn_run["state"])
+    # A key whose saved value differs from the default is still a different experiment.
+    saved["train"]["seed"] = BN_CONFIG["train"].get("seed", 0) + 1
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="train.seed"):
+        fit(BN_CONFIG, run_dir=run_dir, resume=True, quiet=True)
 
 
 def _write_config_file(path: pathlib.Path, cfg: dict) -> pathlib.Path:

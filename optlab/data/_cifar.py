@@ -15,8 +15,10 @@ search root ``R``), in this order:
 An image-folder tree is ``<split>/<class>/<name>.png|.jpg|.jpeg`` with split
 ``train`` and ``test`` and the ten canonical class folder names, optionally
 under one top-level folder. Images must be 32x32 (any PIL mode, converted
-to RGB). Examples are ordered split, then class (canonical order), then file
-name: the arrays are sorted by class, so shuffle before batching.
+to RGB). Examples are read in the order split, class (canonical order), file
+name, then put in a fixed pseudo-random order (seed 0) per split, so that the
+first N training examples (``data.limit_train``) hold every class, as they do
+in the pickles.
 
 Decoding 60,000 images takes seconds, so archives and trees are decoded
 once and the arrays cached as an ``.npz`` under ``<cache>/decoded/``, keyed
@@ -307,6 +309,16 @@ def _decode_images(groups: dict, source: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _mix_classes(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A fixed permutation of each split: image folders come sorted by class, the pickles do not."""
+    mixed = {}
+    for split in SPLITS:
+        order = np.random.default_rng(0).permutation(arrays[f"{split}_labels"].shape[0])
+        mixed[f"{split}_images"] = arrays[f"{split}_images"][order]
+        mixed[f"{split}_labels"] = arrays[f"{split}_labels"][order]
+    return mixed
+
+
 def _read_image_tar(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     groups = _group(list(_iter_tar(path)), path)
     return _decode_images(groups, path), _image_notes(groups)
@@ -420,6 +432,10 @@ def load(data_dir=None, download: bool = True) -> Dataset:
     for split in SPLITS:
         check_arrays(f"cifar10 {split} ({path})", arrays[f"{split}_images"], arrays[f"{split}_labels"],
                      len(CLASS_NAMES), IMAGE_SHAPE)
+    if kind.startswith("image"):
+        arrays = _mix_classes(arrays)
+        provenance.append("examples of the image folders put in a fixed pseudo-random order (seed 0), "
+                          "so that a prefix (data.limit_train) holds every class")
     return Dataset(
         train_images=arrays["train_images"], train_labels=arrays["train_labels"],
         test_images=arrays["test_images"], test_labels=arrays["test_labels"],

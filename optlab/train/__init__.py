@@ -1,5 +1,6 @@
-"""The training loop: pure jitted steps, whole epochs as one ``lax.scan``, and ``fit(config)``."""
+"""The training loop: pure jitted steps, whole epochs as one ``lax.scan`` (or a loop over one jitted step), and ``fit(config)``."""
 
+from optlab._host import retain_host_memory, set_cpu_devices
 from optlab.train._checkpoint import committed as committed_checkpoints
 from optlab.train._checkpoint import restore_latest, save
 from optlab.train._fit import DivergenceError, Experiment, build_model, build_optimizer, evaluate_run, fit
@@ -7,6 +8,7 @@ from optlab.train._lr_find import lr_find, lr_find_many, plot_lr_find, plot_lr_f
 from optlab.train._plots import plot_run
 from optlab.train._step import (
     TrainState,
+    choose_epoch_loop,
     cross_entropy,
     current_learning_rate,
     epoch_permutation,
@@ -14,6 +16,7 @@ from optlab.train._step import (
     make_evaluate,
     make_steps,
     make_train_epoch,
+    make_train_epoch_stepwise,
     split_model,
 )
 
@@ -23,6 +26,7 @@ __all__ = [
     "TrainState",
     "build_model",
     "build_optimizer",
+    "choose_epoch_loop",
     "committed_checkpoints",
     "cross_entropy",
     "current_learning_rate",
@@ -35,10 +39,13 @@ __all__ = [
     "make_evaluate",
     "make_steps",
     "make_train_epoch",
+    "make_train_epoch_stepwise",
     "plot_lr_find",
     "plot_lr_find_many",
     "plot_run",
     "restore_latest",
+    "retain_host_memory",
     "save",
+    "set_cpu_devices",
     "split_model",
 ]

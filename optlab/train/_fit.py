@@ -2,9 +2,11 @@
 
 The loop itself is thin: every epoch is one jitted ``lax.scan`` over the
 device-resident training set (`make_train_epoch`), with the state buffers
-donated so the update happens in place. Around it, this module only does
-host-side bookkeeping: logs (JSON lines + CSV), checkpoints, divergence
-checks and plots.
+donated so the update happens in place; or, with ``train.loop="step"`` (what
+``"auto"`` picks for conv models on the CPU, see `choose_epoch_loop`), a
+Python loop over one jitted, donated step (`make_train_epoch_stepwise`).
+Around it, this module only does host-side bookkeeping: logs (JSON lines +
+CSV), checkpoints, divergence checks and plots.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import optlab
+from optlab._host import retain_host_memory
 from optlab import config as _config
 from optlab import data as _data
 from optlab.models import get_model
 from optlab.train import _checkpoint
-from optlab.train._step import TrainState, init_state, make_evaluate, make_steps, make_train_epoch
+from optlab.train._step import (
+    TrainState,
+    choose_epoch_loop,
+    init_state,
+    make_evaluate,
+    make_steps,
+    make_train_epoch,
+    make_train_epoch_stepwise,
+)
 
 
 class DivergenceError(RuntimeError):
@@ -75,6 +86,7 @@ class Experiment:
 
     def __init__(self, cfg: dict):
         self.cfg = cfg = _config.resolve(cfg)
+        retain_host_memory()  # per-step loops (lr-find, the step-wise epoch) would page-fault otherwise
         d, t = cfg["data"], cfg["train"]
         self.dataset = ds = _data.load(d["name"], data_dir=d["data_dir"])
         train_x, train_y = ds.train_images, ds.train_labels
@@ -94,7 +106,9 @@ class Experiment:
         self.test_images, self.test_labels = jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)
         self.model = build_model(cfg, ds, t["seed"])
         self.tx = build_optimizer(cfg)
-        self.graphdef, _ = init_state(self.model, self.tx, t["seed"])
+        self.graphdef, state = init_state(self.model, self.tx, t["seed"])
+        self._state_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        self._epoch_loop: str | None = None
         self.train_step, self.eval_step = make_steps(
             self.graphdef, self.tx, preprocess=self.preprocess, augment=augment, label_smoothing=t["label_smoothing"]
         )
@@ -106,6 +120,25 @@ class Experiment:
         seed = self.cfg["train"]["seed"] if seed is None else seed
         model = build_model(self.cfg, self.dataset, seed)
         return init_state(model, self.tx, seed)[1]
+
+    @property
+    def epoch_loop(self) -> str:
+        """``"scan"`` or ``"step"``: ``train.loop`` with ``"auto"`` resolved by `choose_epoch_loop`."""
+        if self._epoch_loop is None:  # "auto" traces the train step once: only when asked
+            self._epoch_loop = choose_epoch_loop(
+                self.cfg["train"]["loop"], self.train_step, self._state_shapes,
+                self.train_images, self.train_labels, self.cfg["data"]["batch_size"],
+            )
+        return self._epoch_loop
+
+    def make_jitted_epoch(self):
+        """``epoch_fn(state, images, labels, epoch) -> (state, per-step metrics)``, state donated.
+
+        The jitted scan (`train_epoch`) or the step-wise loop, as `epoch_loop` says.
+        """
+        if self.epoch_loop == "step":
+            return make_train_epoch_stepwise(self.train_step, self.cfg["data"]["batch_size"])
+        return jax.jit(self.train_epoch, donate_argnums=(0,))
 
 
 def _run_dir(cfg: dict, name_hint: str | None) -> pathlib.Path:
@@ -206,6 +239,10 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
+        try:  # keys added to optlab since the run started take their defaults
+            saved = json.loads(json.dumps(_config.resolve(saved)))
+        except _config.ConfigError:
+            pass  # reported below as a difference
         now = json.loads(json.dumps(cfg))
         # Only the length of the run and where outputs go may change on resume; anything else
         # would make the continued run a different experiment.
@@ -230,9 +267,9 @@ def fit(
             start_epoch, history = meta["epoch"], meta["history"]
     log = _Logger(run_dir, resume and start_epoch > 0, quiet, t["epochs"])
     log.event(kind="start", resume_epoch=start_epoch, jax=jax.__version__, backend=jax.default_backend(),
-              steps_per_epoch=exp.steps_per_epoch)
+              steps_per_epoch=exp.steps_per_epoch, loop=exp.epoch_loop)
 
-    train_epoch = jax.jit(exp.train_epoch, donate_argnums=(0,))
+    train_epoch = exp.make_jitted_epoch()
     evaluate = jax.jit(exp.evaluate)
     # Input pipeline cost, measured alone once (gather + augment + normalise of one epoch).
     timing = _data.time_input_pipeline(
