@@ -118,6 +118,24 @@ def test_default_config_reaches_95_percent_on_digits(tmp_path):
     assert result["final"]["test_accuracy"] >= 0.95, result["final"]
 
 
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "learning_rate": 0.1, "momentum": 0.9},
+                                       {"name": "adam", "learning_rate": 1e-3}])
+def test_train_flatten_gives_the_same_run(tmp_path, optimizer):
+    # train.flatten wraps the optimizer in optlab.flatten: other kernels, the same bits.
+    runs = []
+    for flat in (False, True):
+        cfg = default_config()
+        cfg["optimizer"] = optimizer
+        cfg["data"]["limit_train"] = 320
+        cfg["train"].update(epochs=2, flatten=flat)
+        cfg["output"] = {"dir": str(tmp_path), "plots": False}
+        runs.append(fit(cfg, run_dir=tmp_path / f"flat{flat}", quiet=True))
+    assert type(runs[1]["state"].opt_state).__name__ != type(runs[0]["state"].opt_state).__name__
+    for a, b in zip(_leaves(runs[0]["state"].params), _leaves(runs[1]["state"].params), strict=True):
+        np.testing.assert_array_equal(a[1], b[1])
+    assert [h["train_loss"] for h in runs[0]["history"]] == [h["train_loss"] for h in runs[1]["history"]]
+
+
 # ---------------------------------------------------------------------------------------
 # Resume: bitwise equal to an uninterrupted run
 

@@ -50,6 +50,8 @@ def build_optimizer(cfg: dict):
     """The optimizer of a resolved config, with the train section's wrappers around it."""
     t = cfg["train"]
     tx = _config.build_optimizer(cfg["optimizer"])
+    if t["flatten"]:
+        tx = optlab.flatten(tx)
     parts = []
     if t["clip_global_norm"] is not None:
         parts.append(optlab.clip_by_global_norm(t["clip_global_norm"]))
