@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N images only")
     p.add_argument("--strategy", default="auto", help="the sweep's strategy")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="CPU devices for JAX, the sweep shards its members over them (default: one per core, "
+                        "as `optlab sweep` does)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
@@ -116,7 +119,7 @@ def run_sweep(inits, epochs, limit, strategy):
         res = sweep.run(cfg, sweep.grid(init=inits), strategy=strategy, quiet=False)
     epoch_s = list(map(float, __import__("numpy").diff(clock.times)))
     accs = {r["model.init"]: r["final_test_accuracy"] for r in res.rows}
-    return accs, [epoch_s], f"strategy {res.info['groups'][0]['strategy']}"
+    return accs, [epoch_s], f"strategy {res.info['groups'][0]['strategy']}, {res.info['devices']} device(s)"
 
 
 def _flax_initializer(name):
@@ -310,6 +313,9 @@ def main(argv=None) -> dict:
     shared = ROOT.parent / "shared" / "data"  # the datasets beside the project, where present
     if shared.is_dir():
         os.environ.setdefault("OPTLAB_DATA", str(shared))
+    from optlab.train import set_cpu_devices
+
+    set_cpu_devices(args.cpu_devices)  # before JAX starts
     import jax  # noqa: F401 - imported before any timing
 
     from benchmarks import _common as C

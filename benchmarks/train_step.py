@@ -44,7 +44,13 @@ from flax import nnx
 
 import optlab
 from optlab.models import CNN, ConvNet
-from optlab.train import init_state, make_steps, make_train_epoch
+from optlab.train import (
+    choose_epoch_loop,
+    init_state,
+    make_steps,
+    make_train_epoch,
+    make_train_epoch_stepwise,
+)
 from optlab.transforms._flat import flatten
 
 from _common import (
@@ -118,30 +124,50 @@ def optlab_step_runner(work, images, labels, wrap=lambda t: t):
     tx = wrap(work["optlab"]())
     graphdef, state = init_state(work["model"](), tx, 0)
     train_step, _ = make_steps(graphdef, tx, preprocess=preprocess)
-    step = jax.jit(lambda s, x, y: (train_step(s, x, y)[0],), donate_argnums=0)
-    return threaded_runner(step, (state,), images, labels)
+    step = jax.jit(train_step, donate_argnums=0)
+    box = [state]
+
+    def run(n: int) -> None:
+        # The metrics (loss, accuracy, three global norms) stay outputs, as in fit and lr_find.
+        s = box[0]
+        for _ in range(n):
+            s, metrics = step(s, images, labels)
+        jax.block_until_ready((s, metrics))
+        box[0] = s
+
+    return run
 
 
 def optlab_epoch_runner(work, images, labels, batches: int):
-    """``run(n)`` runs n whole scanned epochs of ``batches`` steps each (see ``STEPS_PER_CALL``)."""
+    """``run(n)``: n whole epochs of ``batches`` steps each, as `fit` runs them.
+
+    The loop is what ``train.loop="auto"`` picks (`choose_epoch_loop`): one
+    ``lax.scan`` per epoch, or a Python loop over one jitted step for models
+    with XLA convolutions on the CPU. Returns ``(run, loop)``.
+    """
     tx = work["optlab"]()
     graphdef, state = init_state(work["model"](), tx, 0)
     train_step, _ = make_steps(graphdef, tx, preprocess=preprocess)
-    train_epoch = make_train_epoch(train_step, images.shape[0])
-    # The epoch number stays on the device, as fit's would inside a compiled loop.
-    epoch = jax.jit(lambda s, x, y, e: (train_epoch(s, x, y, e)[0], e + 1), donate_argnums=0)
     data_x = jnp.concatenate([images] * batches)
     data_y = jnp.concatenate([labels] * batches)
-    box = [state, jnp.zeros((), jnp.int32)]
+    batch = images.shape[0]
+    loop = choose_epoch_loop("auto", train_step, state, data_x, data_y, batch)
+    if loop == "scan":
+        epoch = jax.jit(make_train_epoch(train_step, batch), donate_argnums=0)
+    else:
+        epoch = make_train_epoch_stepwise(train_step, batch)
+    # The epoch number stays on the device (a host scalar per epoch would trip the transfer guard).
+    box, next_epoch = [state, jnp.zeros((), jnp.int32)], jax.jit(lambda e: e + 1)
 
     def run(n: int) -> None:
         s, e = box
         for _ in range(n):
-            s, e = epoch(s, data_x, data_y, e)
-        jax.block_until_ready(s)
+            s, metrics = epoch(s, data_x, data_y, e)
+            e = next_epoch(e)
+        jax.block_until_ready((s, metrics))
         box[:] = [s, e]
 
-    return run
+    return run, loop
 
 
 def flax_optax_runner(work, images, labels):
@@ -238,15 +264,17 @@ def main(argv=None) -> dict:
             "flax+optax": flax_optax_runner(work, images, labels),
             "optlab.train step": optlab_step_runner(work, images, labels),
             "optlab.train step + flatten": optlab_step_runner(work, images, labels, flatten),
-            "optlab.train epoch": optlab_epoch_runner(work, images, labels, batches),
         }
+        epoch_run, loop = optlab_epoch_runner(work, images, labels, batches)
+        epoch_key = f"optlab.train epoch ({loop})"
+        runners[epoch_key] = epoch_run
         for run in runners.values():
             run(1)  # compile outside the guard
             # A step that moved data between host and device implicitly would raise here.
             with jax.transfer_guard("disallow"):
                 run(1)
         times = timed(runners, rounds, target_s)
-        times["optlab.train epoch"] = [t / batches for t in times["optlab.train epoch"]]  # per step
+        times[epoch_key] = [t / batches for t in times[epoch_key]]  # per step
         torch_times = {} if args.no_torch else time_torch(work, images, labels, rounds, target_s)
         times.update(torch_times)
         base = times["flax+optax"]
