@@ -74,6 +74,9 @@ def main(argv=None) -> dict:
     shared = ROOT.parent / "shared" / "data"  # the datasets beside the project, where present
     if shared.is_dir():
         os.environ.setdefault("OPTLAB_DATA", str(shared))
+    from optlab.train import set_cpu_devices
+
+    set_cpu_devices()  # one CPU device per core before JAX starts: members run on every core
     import jax
 
     import optlab.sweep as sweep

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from optlab import sweep
-from optlab.config import ConfigError, default_config
+from optlab.config import ConfigError, default_config, resolve
 from optlab.sweep import _run
 from optlab.train import DivergenceError, fit
 
@@ -243,27 +243,49 @@ def _capture_program_io(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("num_devices", "max_in_flight", "piece", "pieces"),
-    [(8, 6, 8, 1), (2, 6, 6, 1)],  # 6 members padded to 8 on 8 devices; 3 a device on 2
+    ("num_devices", "max_in_flight", "used", "piece", "pieces"),
+    # 6 members on 8 devices: one a device on 6 of them (2 would hold only padding);
+    # 2 a device on 3 of 4; 3 a device on 2.
+    [(8, 6, 6, 6, 1), (4, 6, 3, 6, 1), (2, 6, 2, 6, 1)],
 )
-def test_sharded_equals_one_device(monkeypatch, num_devices, max_in_flight, piece, pieces):
+def test_sharded_equals_one_device(monkeypatch, num_devices, max_in_flight, used, piece, pieces):
     seen = _capture_program_io(monkeypatch)
     res = sweep.run(tiny_config(), MEMBERS, strategy="vmap", num_devices=num_devices,
                     max_in_flight=max_in_flight, quiet=True)
     assert res.info["devices"] == num_devices
-    assert (res.info["groups"][0]["in_flight"], res.info["groups"][0]["pieces"]) == (piece, pieces)
+    group = res.info["groups"][0]
+    assert (group["devices"], group["in_flight"], group["pieces"]) == (used, piece, pieces)
     assert len(seen["in"]) == len(seen["out"]) == 2  # one piece, two epochs
     for state in seen["in"] + seen["out"]:
         for leaf in jax.tree_util.tree_leaves(state.params):
             assert leaf.shape[0] == piece
             assert leaf.sharding.spec == PartitionSpec("members")
-            assert len(leaf.sharding.device_set) == num_devices
-            assert {s.data.shape[0] for s in leaf.addressable_shards} == {piece // num_devices}
+            assert len(leaf.sharding.device_set) == used
+            assert {s.data.shape[0] for s in leaf.addressable_shards} == {piece // used}
     ref = cached_sweep("vmap", strategy="vmap", num_devices=1, chunk_size=4)
     for i in range(len(MEMBERS)):
         for got, want in zip(params(res.states[i]), params(ref.states[i]), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res.curves["test_accuracy"], ref.curves["test_accuracy"], atol=1.5 / 355)
+
+
+@pytest.mark.parametrize(("members", "devices", "used"), [(1, 2, 1), (7, 2, 2), (6, 8, 6), (9, 8, 5), (16, 8, 8)])
+def test_devices_for_leaves_no_device_with_padding_only(members, devices, used):
+    chosen = _run.devices_for(members, list(range(devices)))
+    assert chosen == list(range(used))
+    per_device = -(-members // used)
+    assert (used - 1) * per_device < members <= used * per_device  # every chosen device holds a real member
+
+
+@pytest.mark.parametrize(
+    ("model", "members", "devices", "expected"),
+    [("mlp", 1, 1, "map"), ("mlp", 8, 1, "vmap"), ("mlp", 9, 1, "map"), ("mlp", 16, 2, "vmap"),
+     ("mlp", 64, 2, "map"), ("convnet", 2, 1, "map"), ("convnet", 64, 2, "map")],
+)
+def test_auto_strategy_on_the_cpu(model, members, devices, expected):
+    cfg = resolve({**tiny_config(), "model": {"name": model}})
+    assert _run.choose_strategy(cfg, members, "auto", devices) == expected
+    assert _run.choose_strategy(cfg, members, "chunked", devices) == "chunked"  # forced strategies stay
 
 
 # ---------------------------------------------------------------- divergence

@@ -34,7 +34,7 @@ class ConvNet(nnx.Module):
     (`conv3x3_channel_major`, `max_pool2x2`): the same function as
     ``nnx.Conv`` + ``nnx.max_pool`` to float32 round-off, with the same
     parameters, and about 4x faster to train on the CPU, where XLA's convolution
-    of 1-8 channels is slow (docs/sweep_benchmarks.md).
+    of 1-8 channels is slow (docs/benchmarks.md).
 
     Args:
       num_classes: number of logits.

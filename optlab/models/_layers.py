@@ -169,7 +169,7 @@ def max_pool2(x: jax.Array) -> jax.Array:
 # layers below compute the same functions as matrix products and elementwise
 # ops on activations laid out (channels, height, width, batch): the batch is
 # the contiguous axis, so every op vectorises over it, and an image patch is
-# a contiguous slab (``benchmarks/sweep_throughput.py``, docs/sweep_benchmarks.md).
+# a contiguous slab (``benchmarks/sweep_throughput.py``, docs/benchmarks.md).
 
 
 def conv3x3_channel_major(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:

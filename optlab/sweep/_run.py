@@ -189,12 +189,16 @@ def _has_conv(cfg) -> bool:
     return cfg["model"]["name"] in ("convnet", "cnn", "resnet9")
 
 
-def choose_strategy(cfg: dict, n: int, requested: str) -> str:
-    """``auto``: batched on accelerators and for MLPs; ``map`` for convolutions on the CPU.
+def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
+    """``auto``: batched on accelerators; on the CPU ``map`` for convolutions and large groups.
 
-    XLA's CPU backend turns vmapped per-member convolutions into slow grouped
-    convolutions, so running members one after another inside the program is
-    faster there (measured in ``benchmarks/sweep_throughput.py``).
+    On the CPU, batching members multiplies every activation by their number:
+    past a few members per device they leave the caches, and XLA turns
+    vmapped per-member convolutions into slow grouped ones, so running
+    members one after another inside the program is faster. Measured with
+    ``benchmarks/sweep_throughput.py`` (docs/benchmarks.md): ConvNet ``vmap``
+    0.3-0.8x of ``map``; MLP ``vmap`` 1.1x of ``map`` up to 8 members a
+    device, 0.6-0.9x beyond.
     """
     if requested not in STRATEGIES:
         raise ValueError(f"`strategy` (={requested!r}) must be one of {STRATEGIES}")
@@ -204,7 +208,18 @@ def choose_strategy(cfg: dict, n: int, requested: str) -> str:
         return "map"
     if jax.default_backend() != "cpu":
         return "vmap"
-    return "map" if _has_conv(cfg) else "vmap"
+    return "map" if _has_conv(cfg) or math.ceil(n / devices) > 8 else "vmap"
+
+
+def devices_for(n: int, devices: list) -> list:
+    """The fewest of ``devices`` that keep ``ceil(n / len(devices))`` members on each.
+
+    A device holding only padding (copies of the last member) would compute for
+    nothing, and on the CPU take a core from the others: 1 member on 2 CPU
+    devices ran at 0.6x of 1 device.
+    """
+    per_device = math.ceil(n / len(devices))
+    return devices[: math.ceil(n / per_device)]
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
@@ -362,7 +377,8 @@ def run(
         exp = Experiment(group[0].config)
         if any(m.config["train"]["epochs"] != epochs for m in group):
             raise _config.ConfigError("all members of a sweep must train for the same number of epochs")
-        strat = choose_strategy(exp.cfg, len(group), strategy)
+        group_devices = devices_for(len(group), devices)
+        strat = choose_strategy(exp.cfg, len(group), strategy, len(group_devices))
         states, ref_def = [], None
         for m in group:
             graphdef, st = _member_state(m, exp)
@@ -378,12 +394,12 @@ def run(
             states.append(st)
         in_flight = _in_flight(exp, states[0], len(group), max_in_flight, strat)
         # Round the pieces to whole multiples of the device count (padding repeats the last member).
-        nd = len(devices)
+        nd = len(group_devices)
         per_piece = max(nd, (in_flight // nd) * nd)
         if strat == "chunked":
             per_piece = max(per_piece, nd * chunk_size)
             per_piece -= per_piece % (nd * chunk_size)
-        program = _GroupProgram(exp, strat, chunk_size, devices)
+        program = _GroupProgram(exp, strat, chunk_size, group_devices)
         n_pieces = math.ceil(len(group) / per_piece)
         for p in range(n_pieces):
             idx = list(range(p * per_piece, min(len(group), (p + 1) * per_piece)))
@@ -430,7 +446,8 @@ def run(
                     "diverged_at_step": died[j]["step"] if j in died else None,
                 }
         info["groups"].append({
-            "group": gi, "members": len(group), "strategy": strat, "in_flight": per_piece, "pieces": n_pieces,
+            "group": gi, "members": len(group), "strategy": strat, "devices": nd, "in_flight": per_piece,
+            "pieces": n_pieces,
             "seconds": time.perf_counter() - g0,
         })
     info["seconds"] = time.perf_counter() - t_start
