@@ -269,6 +269,14 @@ def test_sharded_equals_one_device(monkeypatch, num_devices, max_in_flight, used
     np.testing.assert_allclose(res.curves["test_accuracy"], ref.curves["test_accuracy"], atol=1.5 / 355)
 
 
+def test_members_that_fit_run_as_one_piece_padded_up_to_whole_devices():
+    # 5 members on 2 devices: 3 + 3 with one copy, not 4 members and then 1 alone for every epoch.
+    res = sweep.run(tiny_config(epochs=1), MEMBERS[:5], strategy="map", num_devices=2, quiet=True)
+    group = res.info["groups"][0]
+    assert (group["devices"], group["in_flight"], group["pieces"]) == (2, 6, 1)
+    assert len(res.rows) == 5
+
+
 @pytest.mark.parametrize(("members", "devices", "used"), [(1, 2, 1), (7, 2, 2), (6, 8, 6), (9, 8, 5), (16, 8, 8)])
 def test_devices_for_leaves_no_device_with_padding_only(members, devices, used):
     chosen = _run.devices_for(members, list(range(devices)))

@@ -395,7 +395,10 @@ def run(
         in_flight = _in_flight(exp, states[0], len(group), max_in_flight, strat)
         # Round the pieces to whole multiples of the device count (padding repeats the last member).
         nd = len(group_devices)
-        per_piece = max(nd, (in_flight // nd) * nd)
+        if in_flight >= len(group):  # all fit: one piece (7 members on 2 devices: 4 + 3 and one copy)
+            per_piece = math.ceil(len(group) / nd) * nd
+        else:
+            per_piece = max(nd, (in_flight // nd) * nd)
         if strat == "chunked":
             per_piece = max(per_piece, nd * chunk_size)
             per_piece -= per_piece % (nd * chunk_size)
