@@ -7,7 +7,7 @@ members differ only in their initial weights), trained together by
 ``optlab.sweep.run``. The lectures report test accuracies of 97.3-97.8% for all
 of them after 10 epochs.
 
-    python experiments/weight_init.py                       # the full table, ~2-4 minutes on 2 cores
+    python experiments/weight_init.py                       # the full table, about a minute on 2 cores
     python experiments/weight_init.py --epochs 1 --out runs/wi1
     python experiments/weight_init.py --quick               # smoke run: 2 members, 512 images, 1 epoch
 
