@@ -41,7 +41,8 @@ def config(model: dict, *, data: dict | None = None, optimizer: dict | None = No
 
 MLP = {"name": "mlp", "hidden": [16]}
 # BatchNorm (model state), dropout (per-step keys) and Adam: everything a step carries besides the weights.
-CNN = {"name": "cnn", "channels": [4, 8], "batchnorm": "before", "dropout": 0.1}
+# XLA's convolutions (layout "nhwc"): on the CPU the CNN defaults to matrix-product layers.
+CNN = {"name": "cnn", "channels": [4, 8], "batchnorm": "before", "dropout": 0.1, "layout": "nhwc"}
 
 
 def _arrays(tree) -> list[tuple[str, np.ndarray]]:
@@ -140,6 +141,7 @@ def test_stepwise_epoch_of_no_whole_batch_matches_the_scan():
         (MLP, {}, None, "scan"),
         (CNN, {}, None, "step"),
         (CNN, {}, "gpu", "scan"),  # the slow path is XLA:CPU's alone
+        ({**CNN, "layout": "auto"}, {}, None, "scan"),  # channel-major matrix products on the CPU
         ({"name": "convnet"}, {"name": "mnist"}, None, "scan"),  # matmul layers, no lax convolution
     ],
 )

@@ -442,7 +442,7 @@ def test_cnn_matches_numpy_in_train_mode(batchnorm, head, momentum):
 
 
 def test_batchnorm_before_normalises_the_pre_activation():
-    model = CNN(channels=(4, 8), batchnorm="before", rngs=_rngs(0))
+    model = CNN(channels=(4, 8), batchnorm="before", layout="nhwc", rngs=_rngs(0))
     block = model.blocks[0]
     x = 5.0 + _input(IMAGES)
     block(x)  # a train-mode call: running mean <- 0.9 * 0 + 0.1 * batch mean of conv(x)
@@ -797,3 +797,37 @@ def test_max_pool2x2_window_of_nans_gives_the_derivative_to_its_last_entry():
     x = jnp.full((1, 2, 2, 1), jnp.nan).at[0, 0, 0, 0].set(1.0)  # no entry equals the NaN maximum
     g = jax.grad(lambda a: jnp.sum(max_pool2x2(a)))(x)
     np.testing.assert_array_equal(g[0, :, :, 0], [[0.0, 0.0], [0.0, 1.0]])
+
+
+# The CNN's two layouts: channel-major matrix products (the CPU default) and XLA's convolutions.
+
+
+@pytest.mark.parametrize("batchnorm", [None, "before", "after"])
+@pytest.mark.parametrize("head", ["avg", "flatten"])
+def test_cnn_layouts_compute_the_same_function(batchnorm, head):
+    x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
+    results = []
+    for layout in ("nhwc", "channel_major"):
+        model = CNN(channels=(8, 16), batchnorm=batchnorm, head=head, layout=layout, rngs=_rngs(0))
+        assert model.layout == layout
+        graphdef, params, rest = split_model(model)
+
+        def loss(p, graphdef=graphdef, rest=rest):
+            m = merge_model(graphdef, p, rest)
+            return jnp.sum(m(x, train=True) ** 2), split_model(m)[2]
+
+        (value, new_rest), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results.append((value, grads, new_rest))
+    (v1, g1, r1), (v2, g2, r2) = results
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+    for a, b in zip(jax.tree_util.tree_leaves(r1), jax.tree_util.tree_leaves(r2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # BatchNorm statistics, as NHWC computes them
+
+
+def test_cnn_layout_auto_is_channel_major_on_the_cpu_and_checked():
+    assert jax.default_backend() == "cpu"
+    assert CNN(channels=(4,), rngs=_rngs(0)).layout == "channel_major"
+    with pytest.raises(ValueError, match="layout"):
+        CNN(channels=(4,), layout="NCHW", rngs=_rngs(0))

@@ -18,11 +18,14 @@ from optlab.models._layers import (
     check_dropout,
     check_image,
     check_num_classes,
+    check_layout,
     check_sizes,
     conv3x3,
+    conv3x3_channel_major,
     dense,
     dropout_flag,
     max_pool2,
+    max_pool2x2,
 )
 
 
@@ -33,6 +36,10 @@ class ConvBlock(nnx.Module):
     ReLU output, ``None`` has no BatchNorm. With ``"before"`` the conv has no
     bias: BatchNorm subtracts the per-channel batch mean, which would cancel
     any bias exactly (its gradient would be identically zero).
+
+    ``layout="channel_major"`` takes and returns (C, H, W, B) activations and
+    computes the same function with `conv3x3_channel_major` and `max_pool2x2`;
+    ``"nhwc"`` uses ``nnx.Conv`` and ``nnx.max_pool`` on (B, H, W, C).
     """
 
     def __init__(
@@ -45,21 +52,28 @@ class ConvBlock(nnx.Module):
         init: str,
         init_scale: float,
         rngs: nnx.Rngs,
+        layout: str = "nhwc",
     ):
         self.batchnorm = batchnorm
+        self.layout = layout
         self.conv = conv3x3(
             in_channels, out_channels, init=init, init_scale=init_scale, use_bias=batchnorm != "before", rngs=rngs
         )
-        self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs) if batchnorm else None
+        axis = 0 if layout == "channel_major" else -1
+        self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs, axis=axis) if batchnorm else None
 
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        x = self.conv(x)
+        if self.layout == "channel_major":
+            bias = self.conv.bias[...] if self.conv.bias is not None else None
+            x = conv3x3_channel_major(x, self.conv.kernel[...], bias)
+        else:
+            x = self.conv(x)
         if self.batchnorm == "before":
             x = self.bn(x, use_running_average=bn_flag(train))
         x = jax.nn.relu(x)
         if self.batchnorm == "after":
             x = self.bn(x, use_running_average=bn_flag(train))
-        return max_pool2(x)
+        return max_pool2x2(x, axis=1) if self.layout == "channel_major" else max_pool2(x)
 
 
 class CNN(nnx.Module):
@@ -97,6 +111,10 @@ class CNN(nnx.Module):
         ``head="flatten"``.
       init_scale: multiplies every initial kernel entry.
       bn_momentum: BatchNorm running-average decay, in [0, 1).
+      layout: "auto" (default: "channel_major" on the CPU, "nhwc" elsewhere),
+        "channel_major" (convolutions as matrix products on (C, H, W, B)
+        activations, `conv3x3_channel_major`) or "nhwc" (``nnx.Conv``). The same
+        parameters and the same function to float32 round-off.
       rngs: ``nnx.Rngs``; parameters use its ``params`` stream and dropout
         its ``dropout`` stream (both fall back to ``default``).
 
@@ -126,6 +144,7 @@ class CNN(nnx.Module):
         input_size: int = 32,
         init_scale: float = 1.0,
         bn_momentum: float = 0.9,
+        layout: str = "auto",
         rngs: nnx.Rngs,
     ):
         num_classes = check_num_classes(num_classes)
@@ -135,6 +154,7 @@ class CNN(nnx.Module):
         check_int("in_channels", in_channels, minimum=1)
         check_choice("head", head, ("avg", "flatten"))
         bn_momentum = check_bn_momentum(bn_momentum)
+        self.layout = check_layout(layout)
         self.in_channels = int(in_channels)
         self.head = head
         self.input_size = None
@@ -158,6 +178,7 @@ class CNN(nnx.Module):
                     init=init,
                     init_scale=init_scale,
                     rngs=rngs,
+                    layout=self.layout,
                 )
                 for c_in, c_out in zip(widths[:-1], widths[1:])
             ]
@@ -174,8 +195,15 @@ class CNN(nnx.Module):
                 f"CNN(head='flatten') was built for {self.input_size}x{self.input_size} images; "
                 f"got shape {tuple(x.shape)}"
             )
-        for block in self.blocks:
-            x = block(x, train=train)
+        if self.layout == "channel_major":
+            x = jnp.transpose(x, (3, 1, 2, 0))  # (C, H, W, B)
+            for block in self.blocks:
+                x = block(x, train=train)
+            # Back to NHWC for the head: the flatten order (h, w, c) is the same in both layouts.
+            x = jnp.transpose(x, (3, 1, 2, 0))
+        else:
+            for block in self.blocks:
+                x = block(x, train=train)
         x = jnp.mean(x, axis=(1, 2)) if self.head == "avg" else x.reshape(x.shape[0], -1)
         if self.dropout is not None:
             x = self.dropout(x, deterministic=dropout_flag(train))

@@ -142,9 +142,30 @@ def conv3x3(
     )
 
 
-def batch_norm(features: int, *, momentum: float, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    # epsilon 1e-5 is both Flax's and PyTorch's default.
-    return nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5, use_running_average=False, rngs=rngs)
+def batch_norm(features: int, *, momentum: float, rngs: nnx.Rngs, axis: int = -1) -> nnx.BatchNorm:
+    # epsilon 1e-5 is both Flax's and PyTorch's default. `axis` is the channel axis: 0 for
+    # channel-major activations (C, H, W, B); the parameters have shape (features,) either way.
+    return nnx.BatchNorm(
+        features, momentum=momentum, epsilon=1e-5, use_running_average=False, axis=axis, rngs=rngs
+    )
+
+
+LAYOUTS = ("auto", "channel_major", "nhwc")
+
+
+def check_layout(layout: Any) -> str:
+    """Resolve a model's ``layout``: "auto" is channel-major on the CPU, NHWC elsewhere.
+
+    On the CPU XLA's convolutions are slow for small networks and their
+    gradients slower still inside a loop; the channel-major layers below are
+    matrix products (the CIFAR-10 CNN's training step: 1.56x faster). On
+    accelerators XLA's convolutions (cuDNN) are the better choice. The choice
+    is made when the model is built and does not change its parameters.
+    """
+    check_choice("layout", layout, LAYOUTS)
+    if layout == "auto":
+        return "channel_major" if jax.default_backend() == "cpu" else "nhwc"
+    return layout
 
 
 def bn_flag(train: bool | None) -> bool | None:
