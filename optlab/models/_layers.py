@@ -158,7 +158,7 @@ def check_layout(layout: Any) -> str:
 
     On the CPU XLA's convolutions are slow for small networks and their
     gradients slower still inside a loop; the channel-major layers below are
-    matrix products (the CIFAR-10 CNN's training step: 1.56x faster). On
+    matrix products (the CIFAR-10 CNN's epoch: 3.1x faster, docs/benchmarks.md). On
     accelerators XLA's convolutions (cuDNN) are the better choice. The choice
     is made when the model is built and does not change its parameters.
     """
