@@ -831,3 +831,27 @@ def test_cnn_layout_auto_is_channel_major_on_the_cpu_and_checked():
     assert CNN(channels=(4,), rngs=_rngs(0)).layout == "channel_major"
     with pytest.raises(ValueError, match="layout"):
         CNN(channels=(4,), layout="NCHW", rngs=_rngs(0))
+
+
+@pytest.mark.parametrize("size", [32, 12])
+def test_resnet9_layouts_compute_the_same_function(size):
+    x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
+    results = []
+    for layout in ("nhwc", "channel_major"):
+        model = ResNet9(width=4, layout=layout, rngs=_rngs(0))
+        assert model.layout == layout
+        graphdef, params, rest = split_model(model)
+
+        def loss(p, graphdef=graphdef, rest=rest):
+            m = merge_model(graphdef, p, rest)
+            return jnp.sum(m(x, train=True) ** 2), split_model(m)[2]
+
+        (value, new_rest), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results.append((value, grads, new_rest))
+    (v1, g1, r1), (v2, g2, r2) = results
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+    for a, b in zip(jax.tree_util.tree_leaves(r1), jax.tree_util.tree_leaves(r2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert ResNet9(width=4, rngs=_rngs(0)).layout == "channel_major"  # "auto" on the CPU

@@ -12,10 +12,13 @@ from optlab.models._layers import (
     bn_flag,
     check_bn_momentum,
     check_image,
+    check_layout,
     check_num_classes,
     conv3x3,
+    conv3x3_channel_major,
     dense,
     max_pool2,
+    max_pool2x2,
 )
 
 
@@ -23,7 +26,8 @@ class ConvBN(nnx.Module):
     """conv 3x3 (SAME, no bias) -> BatchNorm -> ReLU, then an optional 2x2 max-pool.
 
     The conv has no bias because the BatchNorm right after it subtracts the
-    per-channel mean (and has its own learned bias).
+    per-channel mean (and has its own learned bias). ``layout="channel_major"``
+    takes and returns (C, H, W, B) activations (see ``CNN``'s ``layout``).
     """
 
     def __init__(
@@ -36,12 +40,18 @@ class ConvBN(nnx.Module):
         init: str,
         init_scale: float,
         rngs: nnx.Rngs,
+        layout: str = "nhwc",
     ):
         self.pool = pool
+        self.layout = layout
         self.conv = conv3x3(in_channels, out_channels, init=init, init_scale=init_scale, use_bias=False, rngs=rngs)
-        self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs)
+        axis = 0 if layout == "channel_major" else -1
+        self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs, axis=axis)
 
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+        if self.layout == "channel_major":
+            x = jax.nn.relu(self.bn(conv3x3_channel_major(x, self.conv.kernel[...]), use_running_average=bn_flag(train)))
+            return max_pool2x2(x, axis=1) if self.pool else x
         x = jax.nn.relu(self.bn(self.conv(x), use_running_average=bn_flag(train)))
         return max_pool2(x) if self.pool else x
 
@@ -90,6 +100,9 @@ class ResNet9(nnx.Module):
       logit_scale: multiplies the logits.
       init_scale: multiplies every initial kernel entry.
       bn_momentum: BatchNorm running-average decay, in [0, 1).
+      layout: "auto" (channel-major matrix-product convolutions on the CPU,
+        XLA's convolutions elsewhere), "channel_major" or "nhwc"; the same
+        parameters and function to float32 round-off (see ``CNN``).
       rngs: ``nnx.Rngs`` for the parameters.
 
     Modes: built in train mode; ``model.eval()`` / ``model.train()`` switch
@@ -114,6 +127,7 @@ class ResNet9(nnx.Module):
         logit_scale: float = 0.125,
         init_scale: float = 1.0,
         bn_momentum: float = 0.9,
+        layout: str = "auto",
         rngs: nnx.Rngs,
     ):
         num_classes = check_num_classes(num_classes)
@@ -124,7 +138,8 @@ class ResNet9(nnx.Module):
         w = int(width)
         self.in_channels = int(in_channels)
         self.logit_scale = float(logit_scale)
-        kw = dict(bn_momentum=bn_momentum, init=init, init_scale=init_scale, rngs=rngs)
+        self.layout = check_layout(layout)
+        kw = dict(bn_momentum=bn_momentum, init=init, init_scale=init_scale, rngs=rngs, layout=self.layout)
 
         self.prep = ConvBN(self.in_channels, w, pool=False, **kw)
         self.layer1 = ConvBN(w, 2 * w, pool=True, **kw)
@@ -136,9 +151,12 @@ class ResNet9(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
         check_image(x, self.in_channels, "ResNet9", min_size=8)
+        cm = self.layout == "channel_major"
+        if cm:
+            x = jnp.transpose(x, (3, 1, 2, 0))  # (C, H, W, B)
         x = self.prep(x, train=train)
         x = self.res1(self.layer1(x, train=train), train=train)
         x = self.layer2(x, train=train)
         x = self.res3(self.layer3(x, train=train), train=train)
         x = jnp.max(x, axis=(1, 2))
-        return self.linear(x) * self.logit_scale
+        return self.linear(x.T if cm else x) * self.logit_scale
