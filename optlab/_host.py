@@ -15,7 +15,8 @@ more metric was enough).
 
 `retain_host_memory` asks glibc to keep freed memory in the process
 (``mallopt``): no ``mmap`` for large blocks, no trimming of the heap's top
-below 1 GiB. The process keeps its peak memory instead of returning it, which
+below 1 GiB, and one arena for all threads (a thread's own arena cannot hold a
+block above 64 MiB, so glibc would ``mmap`` it after all). The process keeps its peak memory instead of returning it, which
 is what a training process wants. Nothing changes numerically.
 """
 
@@ -29,6 +30,7 @@ import sys
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 _TRIM_THRESHOLD = 1 << 30
 
 _applied: bool | None = None
@@ -64,8 +66,15 @@ def retain_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success. Both settings also switch off glibc's dynamic thresholds.
-    _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    # mallopt returns 1 on success. The first two also switch off glibc's dynamic thresholds.
+    # One arena: a thread's own arena lives in 64 MiB heaps, and a larger block (the CIFAR-10
+    # CNN's scratch buffer is 144 MB) would be mmap-ed there on every call whatever the settings
+    # (measured: 36,832 faults and 95 ms per step; 58.8 ms with one arena).
+    _applied = (
+        bool(mallopt(_M_MMAP_MAX, 0))
+        and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        and bool(mallopt(_M_ARENA_MAX, 1))
+    )
     return _applied
 
 
