@@ -30,6 +30,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from optlab._host import cpu_name
 from optlab.train import retain_host_memory
 
 # Every candidate of a benchmark process runs under the same allocator settings, the ones
@@ -57,17 +58,6 @@ def _version(module: str) -> str:
     return getattr(mod, "__version__", "?")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
     """Versions, processor, core count and the load at the time of the run."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -85,7 +75,7 @@ def environment() -> dict:
         "numpy": np.__version__,
         "torch": _version("torch"),
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "nproc": os.cpu_count(),
         "load_average": tuple(round(x, 2) for x in load),
         "host_memory_retained": HOST_MEMORY_RETAINED,

@@ -22,24 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mnist_convnet.py"
 LECTURE_RANGE = (0.973, 0.978)  # test accuracy after 10 epochs, every initialisation
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,6 +69,7 @@ def main(argv=None) -> dict:
 
     import optlab.sweep as sweep
     from optlab.config import load_config_file
+    from optlab._host import cpu_name
     from optlab.models import INIT_NAMES, describe_inits
 
     cfg = load_config_file(CONFIG)
@@ -118,7 +107,7 @@ def main(argv=None) -> dict:
         "",
         f"{len(rows)} members in one `optlab.sweep.run` (strategy {', '.join(strategies)}), "
         f"{seconds:.1f} s wall time including data loading, compilation and a test evaluation per epoch.",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.default_backend()}), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end.",
         f"Command: `python {' '.join(['experiments/weight_init.py'] + list(sys.argv[1:] if argv is None else argv))}`",
         "",

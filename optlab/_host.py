@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 
 # glibc's mallopt parameters (malloc.h).
@@ -78,6 +79,25 @@ def retain_host_memory() -> bool:
     return _applied
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The processor's model name, for benchmark and experiment reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def set_cpu_devices(n: int | None = None) -> int:
     """Expose ``n`` CPU devices to JAX (default: one per core this process may use).
 
@@ -115,7 +135,7 @@ def set_cpu_devices(n: int | None = None) -> int:
     current = jax.config.jax_num_cpu_devices
     if current != -1 and n is None:
         return int(current)
-    want = n if n is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    want = n if n is not None else cpu_cores()
     if current == want:
         return want
     try:

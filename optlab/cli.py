@@ -76,12 +76,6 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def cmd_sweep(args) -> int:
     import optlab.sweep as sweep
 
@@ -107,9 +101,9 @@ def cmd_sweep(args) -> int:
     if args.coordinator is None:
         # One CPU device per core, so that members sharded over devices use every core
         # (a no-op on accelerators, and where the user chose a device count).
-        from optlab._host import set_cpu_devices
+        from optlab._host import cpu_cores, set_cpu_devices
 
-        set_cpu_devices(max(args.devices or 0, _cores()) or None)
+        set_cpu_devices(max(args.devices or 0, cpu_cores()))
         res, out = sweep_here()
     else:
         import jax

@@ -21,11 +21,10 @@ from optlab.models._layers import (
     check_layout,
     check_sizes,
     conv3x3,
-    conv3x3_channel_major,
+    conv_in_layout,
     dense,
     dropout_flag,
-    max_pool2,
-    max_pool2x2,
+    pool_in_layout,
 )
 
 
@@ -63,17 +62,13 @@ class ConvBlock(nnx.Module):
         self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs, axis=axis) if batchnorm else None
 
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        if self.layout == "channel_major":
-            bias = self.conv.bias[...] if self.conv.bias is not None else None
-            x = conv3x3_channel_major(x, self.conv.kernel[...], bias)
-        else:
-            x = self.conv(x)
+        x = conv_in_layout(self.conv, x, self.layout)
         if self.batchnorm == "before":
             x = self.bn(x, use_running_average=bn_flag(train))
         x = jax.nn.relu(x)
         if self.batchnorm == "after":
             x = self.bn(x, use_running_average=bn_flag(train))
-        return max_pool2x2(x, axis=1) if self.layout == "channel_major" else max_pool2(x)
+        return pool_in_layout(x, self.layout)
 
 
 class CNN(nnx.Module):

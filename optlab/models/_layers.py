@@ -296,6 +296,19 @@ def max_pool2x2(x: jax.Array, axis: int = 1) -> jax.Array:
     return _max_pool2x2(x, int(axis))
 
 
+def conv_in_layout(conv: nnx.Conv, x: jax.Array, layout: str) -> jax.Array:
+    """A 3x3 'SAME' ``nnx.Conv`` applied to NHWC ``x``, or its channel-major equivalent to (C, H, W, B) ``x``."""
+    if layout != "channel_major":
+        return conv(x)
+    bias = conv.bias[...] if conv.bias is not None else None
+    return conv3x3_channel_major(x, conv.kernel[...], bias)
+
+
+def pool_in_layout(x: jax.Array, layout: str) -> jax.Array:
+    """2x2 max pooling over the spatial axes of NHWC or (C, H, W, B) ``x`` (the same axes: 1 and 2)."""
+    return max_pool2x2(x, axis=1) if layout == "channel_major" else max_pool2(x)
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable scalars: the sizes of all ``nnx.Param`` leaves.
 

@@ -15,10 +15,9 @@ from optlab.models._layers import (
     check_layout,
     check_num_classes,
     conv3x3,
-    conv3x3_channel_major,
+    conv_in_layout,
     dense,
-    max_pool2,
-    max_pool2x2,
+    pool_in_layout,
 )
 
 
@@ -49,11 +48,8 @@ class ConvBN(nnx.Module):
         self.bn = batch_norm(out_channels, momentum=bn_momentum, rngs=rngs, axis=axis)
 
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        if self.layout == "channel_major":
-            x = jax.nn.relu(self.bn(conv3x3_channel_major(x, self.conv.kernel[...]), use_running_average=bn_flag(train)))
-            return max_pool2x2(x, axis=1) if self.pool else x
-        x = jax.nn.relu(self.bn(self.conv(x), use_running_average=bn_flag(train)))
-        return max_pool2(x) if self.pool else x
+        x = jax.nn.relu(self.bn(conv_in_layout(self.conv, x, self.layout), use_running_average=bn_flag(train)))
+        return pool_in_layout(x, self.layout) if self.pool else x
 
 
 class Residual(nnx.Module):

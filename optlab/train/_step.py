@@ -213,9 +213,10 @@ def make_train_epoch_stepwise(train_step, batch_size: int) -> StepwiseEpoch:
     and gathers its batch on the device; the host only dispatches steps and
     never waits inside the epoch. Why it exists: on XLA:CPU the gradient of a
     convolution inside a compiled loop (the scan of `make_train_epoch`) is
-    compiled to a slow path (jax-ml/jax#12868); the CIFAR-10 CNN trains about
-    20x faster per step this way. Elsewhere the scan is as fast or faster
-    (one dispatch per epoch), see `choose_epoch_loop`.
+    compiled to a slow path (jax-ml/jax#12868); the CIFAR-10 CNN on XLA's
+    convolutions (``layout="nhwc"``) trains about 20x faster per step this
+    way. Elsewhere the scan is as fast or faster (one dispatch per epoch), see
+    `choose_epoch_loop`.
 
     Not a JAX-traceable function (it loops in Python): ``jax.vmap`` and
     ``jax.jit`` apply to `make_train_epoch`, not to this.
@@ -267,7 +268,7 @@ def choose_epoch_loop(
     CPU and the train step applies ``conv_general_dilated`` anywhere (nested
     jaxprs included): XLA:CPU compiles the gradient of a convolution inside a
     loop to a slow path (jax-ml/jax#12868), measured 20x slower per step for
-    the CIFAR-10 CNN. Otherwise ``"scan"``, which dispatches once per epoch.
+    the CIFAR-10 CNN on XLA's convolutions (``layout="nhwc"``). Otherwise ``"scan"``, which dispatches once per epoch.
 
     ``state``, ``images`` and ``labels`` only lend their shapes and dtypes
     (arrays or ``jax.ShapeDtypeStruct``); the step is traced on one batch of
