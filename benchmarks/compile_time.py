@@ -11,9 +11,12 @@ from JAX's caches, and times
 * ``compile``: XLA compilation (``.compile()``);
 * ``run``: the first call, until its results are ready;
 
-for optax, optlab and ``flatten(optlab)``, interleaved round by round.
-``total`` is their sum, the wait before the first step. Medians over rounds;
-ratios are to optax.
+for optax, optlab and ``flatten(optlab)``, interleaved round by round, and
+for ``optax.inject_hyperparams`` around the same optax optimizer: optax's way
+of holding hyperparameters in the state, which every optlab optimizer does
+(plain optax bakes them into the program as constants, so changing one means
+recompiling). ``total`` is their sum, the wait before the first step. Medians
+over rounds; ratios are to optax.
 
 Run: ``python benchmarks/compile_time.py`` (``--quick`` for a smoke run).
 """
@@ -30,7 +33,7 @@ import optax
 from optlab.transforms._flat import flatten
 
 from _common import base_parser, copy_tree, emit, environment, fmt_ratio, fmt_time, median, table
-from update_step import OPTIMIZERS, array_tree, model_params, small_sizes
+from update_step import LR, OPTIMIZERS, array_tree, model_params, small_sizes
 
 PHASES = ("init", "trace", "compile", "run")
 
@@ -55,9 +58,29 @@ def first_step(make_tx, params, grads) -> dict:
     return {"init": t1 - t0, "trace": t2 - t1, "compile": t3 - t2, "run": t4 - t3, "total": t4 - t0}
 
 
+# The optax optimizers of update_step.OPTIMIZERS with their hyperparameters in the state.
+_inject = optax.inject_hyperparams
+INJECTED = {
+    "sgd": lambda: _inject(optax.sgd)(learning_rate=LR),
+    "sgd+momentum": lambda: _inject(optax.sgd)(learning_rate=LR, momentum=0.9),
+    "nesterov": lambda: _inject(optax.sgd, static_args=("nesterov",))(learning_rate=LR, momentum=0.9, nesterov=True),
+    "adagrad": lambda: _inject(optax.adagrad)(learning_rate=LR, initial_accumulator_value=0.0, eps=1e-10),
+    "rmsprop": lambda: _inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
+        learning_rate=LR, decay=0.99, eps=1e-8, eps_in_sqrt=False
+    ),
+    "adam": lambda: _inject(optax.adam)(learning_rate=LR),
+    "adamw": lambda: _inject(optax.adamw)(learning_rate=LR, weight_decay=1e-2),
+}
+
+
 def variants(name):
     make_optlab, make_optax, _, _ = OPTIMIZERS[name]
-    return {"optax": make_optax, "optlab": make_optlab, "flat": lambda: flatten(make_optlab())}
+    return {
+        "optax": make_optax,
+        "optlab": make_optlab,
+        "flat": lambda: flatten(make_optlab()),
+        "optax-inject": INJECTED[name],
+    }
 
 
 def main(argv=None) -> dict:
@@ -101,8 +124,10 @@ def main(argv=None) -> dict:
                 m = med[v]
                 row.append(f"{fmt_time(m['total'])}")
                 row.append(f"{fmt_time(m['trace'])} / {fmt_time(m['compile'])}")
+            row.append(fmt_time(med["optax-inject"]["total"]))
             row.append(fmt_ratio(med["optlab"]["total"] / med["optax"]["total"]))
             row.append(fmt_ratio(med["flat"]["total"] / med["optax"]["total"]))
+            row.append(fmt_ratio(med["optlab"]["total"] / med["optax-inject"]["total"]))
             rows.append(row)
         headers = [
             "optimizer",
@@ -112,8 +137,10 @@ def main(argv=None) -> dict:
             "optlab trace / compile",
             "flat total",
             "flat trace / compile",
+            "optax inject total",
             "optlab x optax",
             "flat x optax",
+            "optlab x optax inject",
         ]
         title = (
             f"Time to first step, {label} ({n_leaves} arrays): median of {rounds} rounds "

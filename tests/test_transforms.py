@@ -506,3 +506,29 @@ def test_named_optimizer_rejects_mismatched_gradient_tree_showing_both(make):
     state = opt.init(params)
     with pytest.raises(ValueError, match=r"(?s)does not match the parameter tree.*gradient: PyTreeDef\(\{'a': \*\}\).*params: PyTreeDef\(\{'a': \*, 'b': \*\}\)"):
         opt.update({"a": jnp.ones(2)}, state, params)
+
+
+# --- momentum's first step -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_trace_first_buffer_is_the_first_gradient(dampening):
+    # PyTorch: b_1 = g_1 undamped, then b_t = mu b_{t-1} + (1 - dampening) g_t.
+    tx = optlab.trace(0.9, dampening=dampening)
+    g1, g2 = jnp.array([0.3, -4.0, 1e-30]), jnp.array([1.0, 2.0, -3.0])
+    state = tx.init(g1)
+    u1, state = jax.jit(tx.update)(g1, state)
+    u2, _ = jax.jit(tx.update)(g2, state)
+    np.testing.assert_array_equal(u1, g1)
+    np.testing.assert_allclose(u2, 0.9 * np.asarray(g1) + (1 - dampening) * np.asarray(g2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_update_has_no_per_element_select(nesterov):
+    # b_1 = g_1 falls out of mu * 0 + g_1 (the buffer starts at zero), so the compiled
+    # step needs no where(first, ...) over the parameters: it would only cost compile time.
+    tx = optlab.sgd(0.1, momentum=0.9, nesterov=nesterov)
+    params = {"w": jnp.ones(5)}
+    text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+    selects = [line for line in text.splitlines() if "select" in line and "tensor<5xf32>" in line]
+    assert not selects, selects

@@ -17,6 +17,11 @@ def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
 
+def _is_literal_zero(value) -> bool:
+    arr = _checks.concrete(value)
+    return arr is not None and not arr.any()
+
+
 class TraceState(NamedTuple):
     count: jax.Array
     momentum_buffer: Any
@@ -51,11 +56,17 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        first = state.count == 0
-        damp = jnp.where(momentum == 0, 0.0, dampening)
+        # The buffer starts at zero, so mu * 0 + 1 * g_1 = g_1 exactly: a scalar
+        # coefficient on g gives PyTorch's b_1 = g_1 without a per-element select, and
+        # with a literal zero dampening there is no coefficient at all. Both are the
+        # same arithmetic as before; the kernels are smaller and compile faster.
+        coeff = None
+        if not _is_literal_zero(dampening):
+            damp = jnp.where(momentum == 0, 0.0, dampening)
+            coeff = jnp.where(state.count == 0, 1.0, 1 - damp)
 
         def new_buf(g, b):
-            return jnp.where(first, g, momentum * b + (1 - damp) * g).astype(b.dtype)
+            return (momentum * b + (g if coeff is None else coeff * g)).astype(b.dtype)
 
         buf = _map(new_buf, updates, state.momentum_buffer)
         if nesterov:
