@@ -522,13 +522,3 @@ def test_trace_first_buffer_is_the_first_gradient(dampening):
     np.testing.assert_array_equal(u1, g1)
     np.testing.assert_allclose(u2, 0.9 * np.asarray(g1) + (1 - dampening) * np.asarray(g2), rtol=1e-6)
 
-
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_momentum_update_has_no_per_element_select(nesterov):
-    # b_1 = g_1 falls out of mu * 0 + g_1 (the buffer starts at zero), so the compiled
-    # step needs no where(first, ...) over the parameters: it would only cost compile time.
-    tx = optlab.sgd(0.1, momentum=0.9, nesterov=nesterov)
-    params = {"w": jnp.ones(5)}
-    text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
-    selects = [line for line in text.splitlines() if "select" in line and "tensor<5xf32>" in line]
-    assert not selects, selects

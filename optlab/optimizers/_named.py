@@ -307,7 +307,7 @@ def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> Gradi
     _checks.check_positive("learning_rate", learning_rate)
 
     def build(learning_rate, etas, step_sizes):
-        return _adaptive.scale_by_rprop(learning_rate, (etas[0], etas[1]), (step_sizes[0], step_sizes[1]))
+        return _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)
 
     _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)  # validates the pairs' values
     return with_hyperparams(build, learning_rate=learning_rate, etas=etas, step_sizes=step_sizes)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment
+from optlab._base import GradientTransformationExtraArgs, count_dtype, leaf_scalars, safe_increment
 
 
 def _map(fn, *trees):
@@ -50,16 +50,23 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        first = state.count == 0
+        hp = leaf_scalars(
+            state.sum_of_squares, init=initial_accumulator_value, eps=eps, lr_decay=lr_decay, count=state.count
+        )
         # The accumulator takes its initial value on the first update, so a changed
         # `initial_accumulator_value` (set_hyperparams before training) is honoured.
         s = _map(
-            lambda s, g: (jnp.where(first, initial_accumulator_value, s) + g * g).astype(s.dtype),
+            lambda s, g, h: (jnp.where(h["count"] == 0, h["init"], s) + g * g).astype(s.dtype),
             state.sum_of_squares,
             updates,
+            hp,
         )
-        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
-        out = _map(lambda g, s: (g / (jnp.sqrt(s) + eps) / decay).astype(g.dtype), updates, s)
+
+        def direction(g, s, h):
+            decay = 1.0 + h["count"].astype(jnp.float32) * h["lr_decay"]
+            return (g / (jnp.sqrt(s) + h["eps"]) / decay).astype(g.dtype)
+
+        out = _map(direction, updates, s, hp)
         return out, AdagradState(safe_increment(state.count), s)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
@@ -92,16 +99,19 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        sq = _map(lambda r, g: (alpha * r + (1 - alpha) * (g * g)).astype(r.dtype), state.square_avg, updates)
+        hp = leaf_scalars(state.square_avg, alpha=alpha, eps=eps)
+        sq = _map(
+            lambda r, g, h: (h["alpha"] * r + (1 - h["alpha"]) * (g * g)).astype(r.dtype), state.square_avg, updates, hp
+        )
         if centered:
-            ga = _map(lambda m, g: (m + (1 - alpha) * (g - m)).astype(m.dtype), state.grad_avg, updates)
+            ga = _map(lambda m, g, h: (m + (1 - h["alpha"]) * (g - m)).astype(m.dtype), state.grad_avg, updates, hp)
             var = _map(lambda r, m: r - m * m, sq, ga)
         else:
             ga, var = (), sq
         if eps_in_sqrt:
-            out = _map(lambda g, v: (g / jnp.sqrt(v + eps)).astype(g.dtype), updates, var)
+            out = _map(lambda g, v, h: (g / jnp.sqrt(v + h["eps"])).astype(g.dtype), updates, var, hp)
         else:
-            out = _map(lambda g, v: (g / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, var)
+            out = _map(lambda g, v, h: (g / (jnp.sqrt(v) + h["eps"])).astype(g.dtype), updates, var, hp)
         return out, RmsState(safe_increment(state.count), sq, ga)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
@@ -155,17 +165,23 @@ def scale_by_adam(
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         # m + (1 - b1) (g - m) is how PyTorch updates the first moment (lerp).
-        mu = _map(lambda m, g: (m + (1 - b1) * (g - m)).astype(m.dtype), state.mu, updates)
-        nu = _map(lambda v, g: (b2 * v + (1 - b2) * (g * g)).astype(v.dtype), state.nu, updates)
-        nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
-        denom_v = nu_max if amsgrad else nu
         if bias_correction:
             t = safe_increment(state.count).astype(jnp.float32)
-            bc1 = 1 - b1**t
-            bc2_sqrt = jnp.sqrt(1 - b2**t)
-            out = _map(lambda g, m, v: ((m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)).astype(g.dtype), updates, mu, denom_v)
+            bc1, bc2_sqrt = 1 - b1**t, jnp.sqrt(1 - b2**t)
         else:
-            out = _map(lambda g, m, v: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, mu, denom_v)
+            bc1 = bc2_sqrt = None
+        hp = leaf_scalars(state.mu, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2_sqrt=bc2_sqrt)
+        mu = _map(lambda m, g, h: (m + (1 - h["b1"]) * (g - m)).astype(m.dtype), state.mu, updates, hp)
+        nu = _map(lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * (g * g)).astype(v.dtype), state.nu, updates, hp)
+        nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
+        denom_v = nu_max if amsgrad else nu
+
+        def direction(g, m, v, h):
+            if bias_correction:
+                return ((m / h["bc1"]) / (jnp.sqrt(v) / h["bc2_sqrt"] + h["eps"])).astype(g.dtype)
+            return (m / (jnp.sqrt(v) + h["eps"])).astype(g.dtype)
+
+        out = _map(direction, updates, mu, denom_v, hp)
         return out, AdamState(safe_increment(state.count), mu, nu, nu_max)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
@@ -199,9 +215,12 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        sq = _map(lambda r, g: (rho * r + (1 - rho) * (g * g)).astype(r.dtype), state.square_avg, updates)
-        delta = _map(lambda a, r, g: jnp.sqrt(a + eps) / jnp.sqrt(r + eps) * g, state.acc_delta, sq, updates)
-        acc = _map(lambda a, d: (rho * a + (1 - rho) * (d * d)).astype(a.dtype), state.acc_delta, delta)
+        hp = leaf_scalars(state.square_avg, rho=rho, eps=eps)
+        sq = _map(lambda r, g, h: (h["rho"] * r + (1 - h["rho"]) * (g * g)).astype(r.dtype), state.square_avg, updates, hp)
+        delta = _map(
+            lambda a, r, g, h: jnp.sqrt(a + h["eps"]) / jnp.sqrt(r + h["eps"]) * g, state.acc_delta, sq, updates, hp
+        )
+        acc = _map(lambda a, d, h: (h["rho"] * a + (1 - h["rho"]) * (d * d)).astype(a.dtype), state.acc_delta, delta, hp)
         out = _map(lambda d, g: d.astype(g.dtype), delta, updates)
         return out, AdadeltaState(safe_increment(state.count), sq, acc)
 
@@ -244,15 +263,17 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        first = state.count == 0
+        # etas and step_sizes may be traced pairs: unpack them per leaf (see leaf_scalars).
+        hp = leaf_scalars(state.step_size, lr=learning_rate, etas=etas, step_sizes=step_sizes, count=state.count)
 
-        def new_step(g, prev, step):
-            step = jnp.where(first, jnp.asarray(learning_rate, step.dtype), step)
+        def new_step(g, prev, step, h):
+            (eta_minus, eta_plus), (step_min, step_max) = h["etas"], h["step_sizes"]
+            step = jnp.where(h["count"] == 0, jnp.asarray(h["lr"], step.dtype), step)
             prod = g * prev
             factor = jnp.where(prod > 0, eta_plus, jnp.where(prod < 0, eta_minus, 1.0))
             return jnp.clip(step * factor, step_min, step_max).astype(step.dtype)
 
-        step = _map(new_step, updates, state.prev_grad, state.step_size)
+        step = _map(new_step, updates, state.prev_grad, state.step_size, hp)
         # After a sign change the gradient is zeroed: no step now, no comparison next time.
         prev = _map(lambda g, p: jnp.where(g * p < 0, 0.0, g).astype(p.dtype), updates, state.prev_grad)
         u = _map(lambda g, st, orig: (-jnp.sign(g) * st).astype(orig.dtype), prev, step, updates)
@@ -296,12 +317,14 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
     def update_fn(updates, state, params=None, **extra):
         del params, extra
 
-        def gain(g, prev, k):
-            prod = g * prev
-            k = jnp.where(prod > 0, k + increase, jnp.where(prod < 0, k * (1 - decrease), k))
-            return jnp.clip(k, min_gain, max_gain).astype(prev.dtype)
+        hp = leaf_scalars(state.gains, increase=increase, decrease=decrease, min_gain=min_gain, max_gain=max_gain)
 
-        gains = _map(gain, updates, state.prev_grad, state.gains)
+        def gain(g, prev, k, h):
+            prod = g * prev
+            k = jnp.where(prod > 0, k + h["increase"], jnp.where(prod < 0, k * (1 - h["decrease"]), k))
+            return jnp.clip(k, h["min_gain"], h["max_gain"]).astype(prev.dtype)
+
+        gains = _map(gain, updates, state.prev_grad, state.gains, hp)
         out = _map(lambda g, k: (k * g).astype(g.dtype), updates, gains)
         prev = _map(lambda g, p: g.astype(p.dtype), updates, state.prev_grad)
         return out, GainsState(safe_increment(state.count), gains, prev)

@@ -19,9 +19,12 @@ operands. Two details of XLA:CPU's compiler (jax 0.10) would still break
 that, and the layout avoids both:
 
 * XLA's simplifier turns ``array / scalar`` into ``array * (1 / scalar)``
-  when the scalar has a single use, which happens for a one-buffer layout
-  but never for a tree of two or more leaves; so a layout made from two or
-  more leaves always has at least two arrays (a lone buffer is split in two).
+  when the scalar's broadcast has a single use. optlab's own transforms give
+  every leaf its own copy of their scalars (`optlab._base.leaf_scalars`), so
+  they always get the rewrite; a transform that shares one scalar between
+  leaves (an optax one, say) gets it on a one-buffer layout but not on a tree
+  of two or more leaves. So a layout made from two or more leaves always has
+  at least two arrays (a lone buffer is split in two).
 * Arrays of one element take a scalar code path (a degenerate broadcast, no
   vector loop), so leaves of size one stay outside the buffers, unchanged.
 

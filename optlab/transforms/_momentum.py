@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment
+from optlab._base import GradientTransformationExtraArgs, count_dtype, leaf_scalars, safe_increment
 
 ScalarOrSchedule = Any
 
@@ -59,18 +59,21 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
         # The buffer starts at zero, so mu * 0 + 1 * g_1 = g_1 exactly: a scalar
         # coefficient on g gives PyTorch's b_1 = g_1 without a per-element select, and
         # with a literal zero dampening there is no coefficient at all. Both are the
-        # same arithmetic as before; the kernels are smaller and compile faster.
-        coeff = None
-        if not _is_literal_zero(dampening):
-            damp = jnp.where(momentum == 0, 0.0, dampening)
-            coeff = jnp.where(state.count == 0, 1.0, 1 - damp)
+        # same arithmetic as a select; the kernels are smaller and compile faster.
+        # The coefficient is computed per leaf from leaf-private scalars (leaf_scalars).
+        damped = not _is_literal_zero(dampening)
+        hp = leaf_scalars(state.momentum_buffer, momentum=momentum, dampening=dampening, count=state.count)
 
-        def new_buf(g, b):
-            return (momentum * b + (g if coeff is None else coeff * g)).astype(b.dtype)
+        def new_buf(g, b, h):
+            step = g
+            if damped:
+                damp = jnp.where(h["momentum"] == 0, 0.0, h["dampening"])
+                step = jnp.where(h["count"] == 0, 1.0, 1 - damp) * g
+            return (h["momentum"] * b + step).astype(b.dtype)
 
-        buf = _map(new_buf, updates, state.momentum_buffer)
+        buf = _map(new_buf, updates, state.momentum_buffer, hp)
         if nesterov:
-            out = _map(lambda g, b: (g + momentum * b).astype(g.dtype), updates, buf)
+            out = _map(lambda g, b, h: (g + h["momentum"] * b).astype(g.dtype), updates, buf, hp)
         else:
             out = _map(lambda g, b: b.astype(g.dtype), updates, buf)
         return out, TraceState(safe_increment(state.count), buf)
@@ -106,8 +109,8 @@ def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        lr = _lr_at(learning_rate, state.count)
-        v = _map(lambda g, v: (momentum * v - lr * g).astype(v.dtype), updates, state.velocity)
+        hp = leaf_scalars(state.velocity, lr=_lr_at(learning_rate, state.count), momentum=momentum)
+        v = _map(lambda g, v, h: (h["momentum"] * v - h["lr"] * g).astype(v.dtype), updates, state.velocity, hp)
         return _map(lambda v, g: v.astype(g.dtype), v, updates), VelocityState(safe_increment(state.count), v)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
@@ -142,11 +145,14 @@ def scale_by_nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) ->
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        lr = _lr_at(learning_rate, state.count)
-        v_new = _map(lambda g, v: (momentum * v - lr * g).astype(v.dtype), updates, state.velocity)
-        out = _map(
-            lambda v0, v1, g: (-momentum * v0 + (1 + momentum) * v1).astype(g.dtype), state.velocity, v_new, updates
-        )
+        hp = leaf_scalars(state.velocity, lr=_lr_at(learning_rate, state.count), momentum=momentum)
+        v_new = _map(lambda g, v, h: (h["momentum"] * v - h["lr"] * g).astype(v.dtype), updates, state.velocity, hp)
+
+        def out_fn(v0, v1, g, h):
+            mu = h["momentum"]
+            return (-mu * v0 + (1 + mu) * v1).astype(g.dtype)
+
+        out = _map(out_fn, state.velocity, v_new, updates, hp)
         return out, VelocityState(safe_increment(state.count), v_new)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,6 +15,7 @@ from optlab._base import (
     check_same_structure,
     count_dtype,
     global_norm,
+    leaf_scalars,
     safe_increment,
 )
 
@@ -101,10 +102,11 @@ def add_decayed_weights(weight_decay, mask: Any = None) -> GradientTransformatio
             raise ValueError("add_decayed_weights needs `params` in update(updates, state, params)")
         check_same_structure(updates, params, "gradient")
         m = mask(params) if callable(mask) else mask
+        hp = leaf_scalars(params, wd=weight_decay)
         if m is None:
-            new = _map(lambda u, p: (u + weight_decay * p).astype(u.dtype), updates, params)
+            new = _map(lambda u, p, h: (u + h["wd"] * p).astype(u.dtype), updates, params, hp)
         else:
-            new = _map(lambda u, p, k: (u + weight_decay * p).astype(u.dtype) if k else u, updates, params, m)
+            new = _map(lambda u, p, k, h: (u + h["wd"] * p).astype(u.dtype) if k else u, updates, params, m, hp)
         return new, state
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
@@ -132,7 +134,8 @@ def decoupled_weight_decay(weight_decay, learning_rate: ScalarOrSchedule = 1.0) 
             raise ValueError("decoupled_weight_decay needs `params` in update(updates, state, params)")
         check_same_structure(updates, params, "gradient")
         lr = learning_rate(state.count) if lr_is_schedule else learning_rate
-        new = _map(lambda u, p: (u - lr * weight_decay * p).astype(u.dtype), updates, params)
+        hp = leaf_scalars(params, lr=lr, wd=weight_decay)
+        new = _map(lambda u, p, h: (u - h["lr"] * h["wd"] * p).astype(u.dtype), updates, params, hp)
         return new, CountState(safe_increment(state.count))
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
