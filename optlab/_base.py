@@ -147,9 +147,11 @@ def leaf_scalars(tree, **scalars):
         hp = leaf_scalars(state.mu, b1=b1, eps=eps)
         mu = jax.tree_util.tree_map(lambda m, g, h: m + (1 - h["b1"]) * (g - m), state.mu, grads, hp)
 
-    Pass the raw values (the step counter rather than ``count == 0``) and do the
-    scalar arithmetic inside the per-leaf function: a scalar computed once
-    outside and used by every leaf is shared again.
+    Scalars computed from the state may be passed too (AdaGrad's
+    ``1 + t * lr_decay``). But where XLA would fuse that computation into every
+    leaf's kernel anyway (a compare and a select on the step count), the
+    computation is shared again: pass the raw values then and compute inside
+    the per-leaf function (``tests/test_compiled.py`` catches either case).
 
     Why: XLA:CPU compiles each distinct fused kernel once and reuses it for
     every leaf of the same shape. When one traced scalar's broadcast is shared

@@ -50,9 +50,8 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        hp = leaf_scalars(
-            state.sum_of_squares, init=initial_accumulator_value, eps=eps, lr_decay=lr_decay, count=state.count
-        )
+        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
+        hp = leaf_scalars(state.sum_of_squares, init=initial_accumulator_value, eps=eps, decay=decay, count=state.count)
         # The accumulator takes its initial value on the first update, so a changed
         # `initial_accumulator_value` (set_hyperparams before training) is honoured.
         s = _map(
@@ -63,8 +62,7 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
         )
 
         def direction(g, s, h):
-            decay = 1.0 + h["count"].astype(jnp.float32) * h["lr_decay"]
-            return (g / (jnp.sqrt(s) + h["eps"]) / decay).astype(g.dtype)
+            return (g / (jnp.sqrt(s) + h["eps"]) / h["decay"]).astype(g.dtype)
 
         out = _map(direction, updates, s, hp)
         return out, AdagradState(safe_increment(state.count), s)
