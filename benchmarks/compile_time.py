@@ -33,7 +33,7 @@ import optax
 from optlab.transforms._flat import flatten
 
 from _common import base_parser, copy_tree, emit, environment, fmt_ratio, fmt_time, median, table
-from update_step import LR, OPTIMIZERS, array_tree, model_params, small_sizes
+from update_step import OPTIMIZERS, array_tree, model_params, optax_optimizer, small_sizes
 
 PHASES = ("init", "trace", "compile", "run")
 
@@ -58,28 +58,13 @@ def first_step(make_tx, params, grads) -> dict:
     return {"init": t1 - t0, "trace": t2 - t1, "compile": t3 - t2, "run": t4 - t3, "total": t4 - t0}
 
 
-# The optax optimizers of update_step.OPTIMIZERS with their hyperparameters in the state.
-_inject = optax.inject_hyperparams
-INJECTED = {
-    "sgd": lambda: _inject(optax.sgd)(learning_rate=LR),
-    "sgd+momentum": lambda: _inject(optax.sgd)(learning_rate=LR, momentum=0.9),
-    "nesterov": lambda: _inject(optax.sgd, static_args=("nesterov",))(learning_rate=LR, momentum=0.9, nesterov=True),
-    "adagrad": lambda: _inject(optax.adagrad)(learning_rate=LR, initial_accumulator_value=0.0, eps=1e-10),
-    "rmsprop": lambda: _inject(optax.rmsprop, static_args=("eps_in_sqrt",))(
-        learning_rate=LR, decay=0.99, eps=1e-8, eps_in_sqrt=False
-    ),
-    "adam": lambda: _inject(optax.adam)(learning_rate=LR),
-    "adamw": lambda: _inject(optax.adamw)(learning_rate=LR, weight_decay=1e-2),
-}
-
-
 def variants(name):
-    make_optlab, make_optax, _, _ = OPTIMIZERS[name]
+    make_optlab = OPTIMIZERS[name][0]
     return {
-        "optax": make_optax,
+        "optax": lambda: optax_optimizer(name),
         "optlab": make_optlab,
         "flat": lambda: flatten(make_optlab()),
-        "optax-inject": INJECTED[name],
+        "optax-inject": lambda: optax_optimizer(name, inject=True),
     }
 
 

@@ -71,41 +71,52 @@ from _common import (
 
 LR = 1e-3
 
-# name: (optlab factory, optax factory, bytes per float32 parameter, torch class and kwargs)
+# name: (optlab factory, (optax function, its keyword arguments), bytes per float32 parameter,
+#        torch class and kwargs)
 OPTIMIZERS = {
-    "sgd": (lambda: optlab.sgd(LR), lambda: optax.sgd(LR), 12, ("SGD", {"lr": LR})),
+    "sgd": (lambda: optlab.sgd(LR), (optax.sgd, {"learning_rate": LR}), 12, ("SGD", {"lr": LR})),
     "sgd+momentum": (
         lambda: optlab.sgd(LR, momentum=0.9),
-        lambda: optax.sgd(LR, momentum=0.9),
+        (optax.sgd, {"learning_rate": LR, "momentum": 0.9}),
         20,
         ("SGD", {"lr": LR, "momentum": 0.9}),
     ),
     "nesterov": (
         lambda: optlab.sgd(LR, momentum=0.9, nesterov=True),
-        lambda: optax.sgd(LR, momentum=0.9, nesterov=True),
+        (optax.sgd, {"learning_rate": LR, "momentum": 0.9, "nesterov": True}),
         20,
         ("SGD", {"lr": LR, "momentum": 0.9, "nesterov": True}),
     ),
     "adagrad": (
         lambda: optlab.adagrad(LR),
-        lambda: optax.adagrad(LR, initial_accumulator_value=0.0, eps=1e-10),
+        (optax.adagrad, {"learning_rate": LR, "initial_accumulator_value": 0.0, "eps": 1e-10}),
         20,
         ("Adagrad", {"lr": LR}),
     ),
     "rmsprop": (
         lambda: optlab.rmsprop(LR),
-        lambda: optax.rmsprop(LR, decay=0.99, eps=1e-8, eps_in_sqrt=False),
+        (optax.rmsprop, {"learning_rate": LR, "decay": 0.99, "eps": 1e-8, "eps_in_sqrt": False}),
         20,
         ("RMSprop", {"lr": LR}),
     ),
-    "adam": (lambda: optlab.adam(LR), lambda: optax.adam(LR), 28, ("Adam", {"lr": LR})),
+    "adam": (lambda: optlab.adam(LR), (optax.adam, {"learning_rate": LR}), 28, ("Adam", {"lr": LR})),
     "adamw": (
         lambda: optlab.adamw(LR, weight_decay=1e-2),
-        lambda: optax.adamw(LR, weight_decay=1e-2),
+        (optax.adamw, {"learning_rate": LR, "weight_decay": 1e-2}),
         28,
         ("AdamW", {"lr": LR, "weight_decay": 1e-2}),
     ),
 }
+
+
+def optax_optimizer(name: str, inject: bool = False):
+    """The optax counterpart of ``OPTIMIZERS[name]``; with ``inject``, its numeric
+    hyperparameters in the state (``optax.inject_hyperparams``), as optlab keeps them."""
+    fn, kwargs = OPTIMIZERS[name][1]
+    if not inject:
+        return fn(**kwargs)
+    static = tuple(k for k, v in kwargs.items() if isinstance(v, bool))
+    return optax.inject_hyperparams(fn, static_args=static)(**kwargs)
 
 
 VARIANTS = ("optax", "optlab", "flat", "flat-resident")
@@ -202,9 +213,9 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
     n_leaves = len(jax.tree_util.tree_leaves(params))
     rows, records = [], []
     for name in optimizers:
-        make_optlab, make_optax, nbytes, (torch_cls, torch_kwargs) = OPTIMIZERS[name]
+        make_optlab, _, nbytes, (torch_cls, torch_kwargs) = OPTIMIZERS[name]
         builders = {
-            "optax": lambda: jax_runner(make_optax(), params, grads),
+            "optax": lambda: jax_runner(optax_optimizer(name), params, grads),
             "optlab": lambda: jax_runner(make_optlab(), params, grads),
             "flat": lambda: jax_runner(flatten(make_optlab()), params, grads),
             "flat-resident": lambda: jax_runner(make_optlab(), flat_params, flat_grads),

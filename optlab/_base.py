@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optlab import _checks
+
 GradientTransformation = optax.GradientTransformation
 GradientTransformationExtraArgs = optax.GradientTransformationExtraArgs
 EmptyState = optax.EmptyState
@@ -167,7 +169,7 @@ def leaf_scalars(tree, **scalars):
     concrete arrays) are passed through unchanged.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    traced = {k: v for k, v in scalars.items() if isinstance(v, jax.core.Tracer)}
+    traced = {k: v for k, v in scalars.items() if _checks.is_traced(v)}
     out = []
     for leaf in leaves:
         private = {}

@@ -17,11 +17,6 @@ def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
 
-def _is_literal_zero(value) -> bool:
-    arr = _checks.concrete(value)
-    return arr is not None and not arr.any()
-
-
 class TraceState(NamedTuple):
     count: jax.Array
     momentum_buffer: Any
@@ -61,7 +56,7 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
         # with a literal zero dampening there is no coefficient at all. Both are the
         # same arithmetic as a select; the kernels are smaller and compile faster.
         # The coefficient is computed per leaf from leaf-private scalars (leaf_scalars).
-        damped = not _is_literal_zero(dampening)
+        damped = not _checks.is_zero(dampening)
         hp = leaf_scalars(state.momentum_buffer, momentum=momentum, dampening=dampening, count=state.count)
 
         def new_buf(g, b, h):
