@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from optlab._base import (
     GradientTransformationExtraArgs,
     check_same_structure,
-    count_dtype,
     safe_increment,
+    step_counter,
     with_extra_args_support,
 )
 from optlab.schedules._core import Schedule
@@ -41,7 +41,9 @@ class HyperparamsState(NamedTuple):
     """State of an optimizer built by `with_hyperparams`.
 
     Attributes:
-      count: number of updates applied (int32); schedules are evaluated at it.
+      count: number of updates applied (int32), at which schedules are
+        evaluated; None when no hyperparameter follows a schedule (nothing
+        reads it then, and see `optlab._base.step_counter`).
       hyperparams: current value of every numeric hyperparameter (float32
         arrays): for a scheduled one, the value used by the last update (the
         value for step 0 before any update).
@@ -49,7 +51,7 @@ class HyperparamsState(NamedTuple):
       inner_state: the state of the update rule itself.
     """
 
-    count: jax.Array
+    count: jax.Array | None
     hyperparams: dict
     schedules: dict
     inner_state: Any
@@ -115,7 +117,7 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         return with_extra_args_support(build(**kwargs))
 
     def init_fn(params):
-        count = jnp.zeros([], count_dtype())
+        count = step_counter(bool(scheduled))
         vals = values_at(count, numeric, scheduled)
         inner = make(vals)
         return HyperparamsState(count, vals, dict(scheduled), inner.init(params))

@@ -170,11 +170,50 @@ def _dtypes_of(tree):
     return jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
 
 
+def _counters(state) -> dict:
+    """The step counters in a state: every leaf stored in a field named ``count``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat if getattr(path[-1], "name", None) == "count"}
+
+
+# How many step counters each optimizer keeps: one where the update reads it (Adam's bias
+# correction, AdaGrad's first step and lr_decay, Rprop's first step, a damped momentum's
+# first step, a schedule), none elsewhere; optax keeps the same ones.
+COUNTERS = [
+    ("sgd", lambda: optlab.sgd(0.1), 0),
+    ("sgd-momentum", lambda: optlab.sgd(0.1, momentum=0.9), 0),
+    ("nesterov", lambda: optlab.sgd(0.1, momentum=0.9, nesterov=True), 0),
+    ("sgd-dampening", lambda: optlab.sgd(0.1, momentum=0.9, dampening=0.5), 1),
+    ("sgd-schedule", lambda: optlab.sgd(optlab.schedules.cosine(0.1, 10), momentum=0.9), 1),
+    ("classical-momentum", lambda: optlab.classical_momentum(0.1), 0),
+    ("adagrad", lambda: optlab.adagrad(0.1), 1),
+    ("rmsprop-centered", lambda: optlab.rmsprop(0.01, momentum=0.9, centered=True), 0),
+    ("adam", lambda: optlab.adam(1e-3), 1),
+    ("adam-schedule", lambda: optlab.adam(optlab.schedules.cosine(1e-3, 10)), 2),
+    ("adamw", lambda: optlab.adamw(1e-3), 1),
+    ("adadelta", lambda: optlab.adadelta(), 0),
+    ("rprop", lambda: optlab.rprop(), 1),
+    ("adaptive-gains", lambda: optlab.adaptive_gains(0.1), 0),
+]
+
+
+@pytest.mark.parametrize("name,make,expected", COUNTERS, ids=[c[0] for c in COUNTERS])
+def test_step_counters_are_kept_only_where_the_update_reads_them(name, make, expected):
+    # An unread counter would still cost a compiled kernel per step (optlab._base.step_counter).
+    tx = make()
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    assert len(_counters(state)) == expected, _counters(state)
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(params, state, params)
+    assert all(int(c) == 3 for c in _counters(state).values())
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_update_keeps_state_dtypes(name, dtype):
-    """Documented dtypes: count int32, hyperparameters float32, per-parameter slots
-    in the parameters' dtype, and an update returns a state of the same dtypes."""
+    """Documented dtypes: step counters int32, hyperparameters float32, per-parameter
+    slots in the parameters' dtype, and an update returns a state of the same dtypes."""
     factory, lrs = OPTIMIZERS[name]
     opt = factory(lrs["quadratic"])
     dt = DTYPES[dtype]
@@ -183,7 +222,7 @@ def test_update_keeps_state_dtypes(name, dtype):
     state0 = jax.eval_shape(opt.init, params)
     updates, state1 = jax.eval_shape(lambda: opt.update(grads, opt.init(params), params))
 
-    assert state0.count.dtype == jnp.int32
+    assert all(leaf.dtype == jnp.int32 for leaf in _counters(state0).values())
     assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(state0.hyperparams))
     for leaf in jax.tree_util.tree_leaves(state0.inner_state):
         if leaf.ndim > 0:  # per-parameter slots

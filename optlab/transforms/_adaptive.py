@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, count_dtype, leaf_scalars, safe_increment
+from optlab._base import GradientTransformationExtraArgs, leaf_scalars, safe_increment, step_counter
 
 
 def _map(fn, *trees):
@@ -46,7 +46,7 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
     _checks.check_nonnegative("lr_decay", lr_decay)
 
     def init_fn(params):
-        return AdagradState(jnp.zeros([], count_dtype()), _zeros(params))
+        return AdagradState(step_counter(), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -74,7 +74,7 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
 
 
 class RmsState(NamedTuple):
-    count: jax.Array
+    count: None  # RMSProp reads no step counter: none is kept (see optlab._base.step_counter)
     square_avg: Any
     grad_avg: Any  # () unless centered
 
@@ -93,7 +93,7 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
-        return RmsState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params) if centered else ())
+        return RmsState(None, _zeros(params), _zeros(params) if centered else ())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -110,7 +110,7 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
             out = _map(lambda g, v, h: (g / jnp.sqrt(v + h["eps"])).astype(g.dtype), updates, var, hp)
         else:
             out = _map(lambda g, v, h: (g / (jnp.sqrt(v) + h["eps"])).astype(g.dtype), updates, var, hp)
-        return out, RmsState(safe_increment(state.count), sq, ga)
+        return out, RmsState(None, sq, ga)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -119,7 +119,7 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
 
 
 class AdamState(NamedTuple):
-    count: jax.Array
+    count: jax.Array | None  # None without bias correction
     mu: Any
     nu: Any
     nu_max: Any  # () unless amsgrad
@@ -154,7 +154,7 @@ def scale_by_adam(
 
     def init_fn(params):
         return AdamState(
-            jnp.zeros([], count_dtype()),
+            step_counter(bias_correction),
             _zeros(params, mu_dtype),
             _zeros(params, mu_dtype),
             _zeros(params, mu_dtype) if amsgrad else (),
@@ -189,7 +189,7 @@ def scale_by_adam(
 
 
 class AdadeltaState(NamedTuple):
-    count: jax.Array
+    count: None  # AdaDelta reads no step counter
     square_avg: Any
     acc_delta: Any
 
@@ -209,7 +209,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
-        return AdadeltaState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params))
+        return AdadeltaState(None, _zeros(params), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -220,7 +220,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
         )
         acc = _map(lambda a, d, h: (h["rho"] * a + (1 - h["rho"]) * (d * d)).astype(a.dtype), state.acc_delta, delta, hp)
         out = _map(lambda d, g: d.astype(g.dtype), delta, updates)
-        return out, AdadeltaState(safe_increment(state.count), sq, acc)
+        return out, AdadeltaState(None, sq, acc)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -257,7 +257,7 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
     _checks.check_positive("step_sizes[1]", step_max)
 
     def init_fn(params):
-        return RpropState(jnp.zeros([], count_dtype()), _zeros(params), _zeros(params))
+        return RpropState(step_counter(), _zeros(params), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -284,7 +284,7 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
 
 
 class GainsState(NamedTuple):
-    count: jax.Array
+    count: None  # the gains read no step counter
     gains: Any
     prev_grad: Any
 
@@ -310,7 +310,7 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         raise ValueError(f"`min_gain` (={min_gain!r}) must not exceed `max_gain` (={max_gain!r})")
 
     def init_fn(params):
-        return GainsState(jnp.zeros([], count_dtype()), _map(jnp.ones_like, params), _zeros(params))
+        return GainsState(None, _map(jnp.ones_like, params), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -325,6 +325,6 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         gains = _map(gain, updates, state.prev_grad, state.gains, hp)
         out = _map(lambda g, k: (k * g).astype(g.dtype), updates, gains)
         prev = _map(lambda g, p: g.astype(p.dtype), updates, state.prev_grad)
-        return out, GainsState(safe_increment(state.count), gains, prev)
+        return out, GainsState(None, gains, prev)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)

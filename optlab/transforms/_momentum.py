@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, count_dtype, leaf_scalars, safe_increment
+from optlab._base import GradientTransformationExtraArgs, leaf_scalars, safe_increment, step_counter
 
 ScalarOrSchedule = Any
 
@@ -18,7 +18,7 @@ def _map(fn, *trees):
 
 
 class TraceState(NamedTuple):
-    count: jax.Array
+    count: jax.Array | None  # None unless dampening is on (only the first damped step reads it)
     momentum_buffer: Any
 
 
@@ -46,8 +46,10 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
         if arr is not None and (arr != 0).any():
             raise ValueError(f"nesterov momentum requires zero dampening, got `dampening` (={dampening!r})")
 
+    damped = not _checks.is_zero(dampening)
+
     def init_fn(params):
-        return TraceState(jnp.zeros([], count_dtype()), _map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype), params))
+        return TraceState(step_counter(damped), _map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype), params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -56,7 +58,6 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
         # with a literal zero dampening there is no coefficient at all. Both are the
         # same arithmetic as a select; the kernels are smaller and compile faster.
         # The coefficient is computed per leaf from leaf-private scalars (leaf_scalars).
-        damped = not _checks.is_zero(dampening)
         hp = leaf_scalars(state.momentum_buffer, momentum=momentum, dampening=dampening, count=state.count)
 
         def new_buf(g, b, h):
@@ -77,7 +78,7 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
 
 
 class VelocityState(NamedTuple):
-    count: jax.Array
+    count: jax.Array | None  # None unless the learning rate is a schedule
     velocity: Any
 
 
@@ -100,7 +101,7 @@ def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -
     _checks.check_probability("momentum", momentum)
 
     def init_fn(params):
-        return VelocityState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params))
+        return VelocityState(step_counter(callable(learning_rate)), _map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -136,7 +137,7 @@ def scale_by_nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) ->
     _checks.check_probability("momentum", momentum)
 
     def init_fn(params):
-        return VelocityState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params))
+        return VelocityState(step_counter(callable(learning_rate)), _map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
