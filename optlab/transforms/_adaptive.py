@@ -164,11 +164,16 @@ def scale_by_adam(
         del params, extra
         # m + (1 - b1) (g - m) is how PyTorch updates the first moment (lerp).
         if bias_correction:
+            # The corrections as reciprocals, computed once: XLA turns a division by a
+            # scalar into a multiplication by its reciprocal anyway, and written out the
+            # reciprocals fuse into two scalar kernels (optax's number) instead of four.
+            # The barrier keeps 1 / sqrt(.) from being rewritten into rsqrt, which rounds
+            # differently from PyTorch's sqrt-then-divide.
             t = safe_increment(state.count).astype(jnp.float32)
-            bc1, bc2_sqrt = 1 - b1**t, jnp.sqrt(1 - b2**t)
+            inv_bc1, inv_bc2_sqrt = 1 / (1 - b1**t), 1 / jax.lax.optimization_barrier(jnp.sqrt(1 - b2**t))
         else:
-            bc1 = bc2_sqrt = None
-        hp = leaf_scalars(state.mu, b1=b1, b2=b2, eps=eps, bc1=bc1, bc2_sqrt=bc2_sqrt)
+            inv_bc1 = inv_bc2_sqrt = None
+        hp = leaf_scalars(state.mu, b1=b1, b2=b2, eps=eps, inv_bc1=inv_bc1, inv_bc2_sqrt=inv_bc2_sqrt)
         mu = _map(lambda m, g, h: (m + (1 - h["b1"]) * (g - m)).astype(m.dtype), state.mu, updates, hp)
         nu = _map(lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * (g * g)).astype(v.dtype), state.nu, updates, hp)
         nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
@@ -176,7 +181,7 @@ def scale_by_adam(
 
         def direction(g, m, v, h):
             if bias_correction:
-                return ((m / h["bc1"]) / (jnp.sqrt(v) / h["bc2_sqrt"] + h["eps"])).astype(g.dtype)
+                return ((m * h["inv_bc1"]) / (jnp.sqrt(v) * h["inv_bc2_sqrt"] + h["eps"])).astype(g.dtype)
             return (m / (jnp.sqrt(v) + h["eps"])).astype(g.dtype)
 
         out = _map(direction, updates, mu, denom_v, hp)
