@@ -130,14 +130,20 @@ def calibrate(run: Callable[[int], None], target_s: float, max_number: int = 10_
 def interleaved(
     runners: dict[str, Callable[[int], None]], rounds: int, number: dict[str, int] | int, warmup: int = 2
 ) -> dict[str, list[float]]:
-    """Seconds per call of each runner, one value per round, rounds interleaved across runners."""
+    """Seconds per call of each runner, one value per round, rounds interleaved across runners.
+
+    Odd rounds run the runners in reverse order, so no runner always comes
+    first after a pause or always follows the same neighbour (whose caches,
+    clock and allocator state it would inherit).
+    """
     if isinstance(number, int):
         number = {k: number for k in runners}
     for name, run in runners.items():
         run(warmup)
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    for i in range(rounds):
+        order = list(runners.items())
+        for name, run in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             run(number[name])
             times[name].append((time.perf_counter() - t0) / number[name])

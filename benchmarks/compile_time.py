@@ -15,8 +15,10 @@ for optax, optlab and ``flatten(optlab)``, interleaved round by round, and
 for ``optax.inject_hyperparams`` around the same optax optimizer: optax's way
 of holding hyperparameters in the state, which every optlab optimizer does
 (plain optax bakes them into the program as constants, so changing one means
-recompiling). ``total`` is their sum, the wait before the first step. Medians
-over rounds; ratios are to optax.
+recompiling). ``total`` is their sum, the wait before the first step. Times
+are medians over rounds; a ratio is the median of the per-round ratios of
+totals (the variants of one round run back to back, so they share the
+machine's state), with its interquartile range in percent.
 
 Run: ``python benchmarks/compile_time.py`` (``--quick`` for a smoke run).
 """
@@ -32,7 +34,7 @@ import optax
 
 from optlab.transforms._flat import flatten
 
-from _common import base_parser, copy_tree, emit, environment, fmt_ratio, fmt_time, median, table
+from _common import base_parser, copy_tree, emit, environment, fmt_ratio, fmt_time, median, paired_ratio, table
 from update_step import OPTIMIZERS, array_tree, model_params, optax_optimizer, small_sizes
 
 PHASES = ("init", "trace", "compile", "run")
@@ -99,8 +101,9 @@ def main(argv=None) -> dict:
         rows = []
         for name in optimizers:
             results = {v: [] for v in variants(name)}
-            for _ in range(rounds):
-                for v, make in variants(name).items():
+            for r in range(rounds):
+                order = list(variants(name).items())
+                for v, make in order if r % 2 == 0 else order[::-1]:  # no variant always first
                     results[v].append(first_step(make, params, grads))
             med = {v: {ph: median([r[ph] for r in rs]) for ph in (*PHASES, "total")} for v, rs in results.items()}
             records.append({"tree": label, "optimizer": name, "median": med, "rounds": results})
@@ -110,9 +113,9 @@ def main(argv=None) -> dict:
                 row.append(f"{fmt_time(m['total'])}")
                 row.append(f"{fmt_time(m['trace'])} / {fmt_time(m['compile'])}")
             row.append(fmt_time(med["optax-inject"]["total"]))
-            row.append(fmt_ratio(med["optlab"]["total"] / med["optax"]["total"]))
-            row.append(fmt_ratio(med["flat"]["total"] / med["optax"]["total"]))
-            row.append(fmt_ratio(med["optlab"]["total"] / med["optax-inject"]["total"]))
+            totals = {v: [r["total"] for r in rs] for v, rs in results.items()}
+            for a, b in (("optlab", "optax"), ("flat", "optax"), ("optlab", "optax-inject")):
+                row.append(fmt_ratio(*paired_ratio(totals[a], totals[b])))
             rows.append(row)
         headers = [
             "optimizer",
