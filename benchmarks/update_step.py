@@ -13,6 +13,9 @@ adamw) and each parameter tree:
 it times, interleaved in one process (see ``_common.py``):
 
 * ``optax``: the optax optimizer with the same hyperparameters;
+* ``optax again``: a second, separately built and compiled copy of it, timed
+  like the others: its ratio to ``optax`` is the noise floor of the run (two
+  identical programs differ by this much), the yardstick for the other ratios;
 * ``optlab``: the optlab optimizer, leaf by leaf;
 * ``flat``: ``flatten(optlab optimizer)``: inside the step, gradients and
   parameters of the leaves of at most 4,096 elements are packed into one
@@ -119,7 +122,7 @@ def optax_optimizer(name: str, inject: bool = False):
     return optax.inject_hyperparams(fn, static_args=static)(**kwargs)
 
 
-VARIANTS = ("optax", "optlab", "flat", "flat-resident")
+VARIANTS = ("optax", "optax-again", "optlab", "flat", "flat-resident")
 
 
 def small_sizes(n: int, total: int, seed: int = 0) -> list[int]:
@@ -216,6 +219,7 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
         make_optlab, _, nbytes, (torch_cls, torch_kwargs) = OPTIMIZERS[name]
         builders = {
             "optax": lambda: jax_runner(optax_optimizer(name), params, grads),
+            "optax-again": lambda: jax_runner(optax_optimizer(name), params, grads),
             "optlab": lambda: jax_runner(make_optlab(), params, grads),
             "flat": lambda: jax_runner(flatten(make_optlab()), params, grads),
             "flat-resident": lambda: jax_runner(make_optlab(), flat_params, flat_grads),
@@ -262,6 +266,7 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
             [
                 name,
                 f"{fmt_time(rec['optax']['median'])} ±{rec['optax']['spread'] / 2:.0f}%",
+                cell("optax-again"),
                 cell("optlab"),
                 cell("flat"),
                 cell("flat-resident"),
@@ -274,6 +279,7 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
     headers = [
         "optimizer",
         "optax",
+        "optax again (x optax)",
         "optlab (x optax)",
         "flat (x optax)",
         "flat-resident (x optax)",
@@ -298,6 +304,8 @@ def main(argv=None) -> dict:
     variants = {"optax", *args.variants.split(",")}
     if not variants <= set(VARIANTS):
         parser.error(f"unknown variant(s) {sorted(variants - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    if not variants & {"optlab", "flat", "flat-resident"}:
+        parser.error("--variants must include at least one of optlab, flat, flat-resident")
     rounds = args.rounds or (2 if args.quick else 7)
     target_s = 0.002 if args.quick else 0.1
     optimizers = args.optimizers.split(",") if args.optimizers else list(OPTIMIZERS)
