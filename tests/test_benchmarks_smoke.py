@@ -70,3 +70,27 @@ def test_benchmark_quick_mode_prints_its_table(bench, capsys, module, argv, expe
 def test_update_step_rejects_an_unknown_optimizer(bench):
     with pytest.raises(SystemExit):
         bench("update_step").main(["--quick", "--optimizers", "adamax"])
+
+
+def test_runs_summary_takes_the_median_over_runs(bench, tmp_path, capsys):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"run{i}.json"
+        argv = ["--quick", "--trees", "10 x 6.5k", "--optimizers", "sgd", "--no-torch", "--rounds", "1"]
+        bench("update_step").main([*argv, "--variants", "optax-again,optlab", "--json", str(path)])
+        paths.append(path)
+    capsys.readouterr()
+    result = bench("runs_summary").main([str(p) for p in paths])
+    out = capsys.readouterr().out
+    (rows,) = [rows_of(out)]
+    assert [r[:2] for r in rows] == [["10 x 6.5k", "sgd"]]
+    (ratios,) = [c["optlab"] for c in result["cells"].values()]
+    assert len(ratios) == 3 and rows[0][3].startswith(f"{sorted(ratios)[1]:.2f} [")
+    assert "optlab: " in out and "of 1 medians" in out
+
+
+def test_runs_summary_names_a_file_that_is_not_an_update_step_run(bench, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tables": []}')
+    with pytest.raises(SystemExit, match="bad.json: not the --json output of update_step.py"):
+        bench("runs_summary").main([str(bad)])
