@@ -74,7 +74,7 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
 
 
 class RmsState(NamedTuple):
-    count: None  # RMSProp reads no step counter: none is kept (see optlab._base.step_counter)
+    # No step counter: RMSProp never reads one (see optlab._base.step_counter).
     square_avg: Any
     grad_avg: Any  # () unless centered
 
@@ -93,7 +93,7 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
-        return RmsState(None, _zeros(params), _zeros(params) if centered else ())
+        return RmsState(_zeros(params), _zeros(params) if centered else ())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -110,7 +110,7 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
             out = _map(lambda g, v, h: (g / jnp.sqrt(v + h["eps"])).astype(g.dtype), updates, var, hp)
         else:
             out = _map(lambda g, v, h: (g / (jnp.sqrt(v) + h["eps"])).astype(g.dtype), updates, var, hp)
-        return out, RmsState(None, sq, ga)
+        return out, RmsState(sq, ga)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -194,7 +194,7 @@ def scale_by_adam(
 
 
 class AdadeltaState(NamedTuple):
-    count: None  # AdaDelta reads no step counter
+    # No step counter: AdaDelta never reads one.
     square_avg: Any
     acc_delta: Any
 
@@ -214,7 +214,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
-        return AdadeltaState(None, _zeros(params), _zeros(params))
+        return AdadeltaState(_zeros(params), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -225,7 +225,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
         )
         acc = _map(lambda a, d, h: (h["rho"] * a + (1 - h["rho"]) * (d * d)).astype(a.dtype), state.acc_delta, delta, hp)
         out = _map(lambda d, g: d.astype(g.dtype), delta, updates)
-        return out, AdadeltaState(None, sq, acc)
+        return out, AdadeltaState(sq, acc)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -289,7 +289,7 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
 
 
 class GainsState(NamedTuple):
-    count: None  # the gains read no step counter
+    # No step counter: the gains never read one.
     gains: Any
     prev_grad: Any
 
@@ -315,7 +315,7 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         raise ValueError(f"`min_gain` (={min_gain!r}) must not exceed `max_gain` (={max_gain!r})")
 
     def init_fn(params):
-        return GainsState(None, _map(jnp.ones_like, params), _zeros(params))
+        return GainsState(_map(jnp.ones_like, params), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -330,6 +330,6 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         gains = _map(gain, updates, state.prev_grad, state.gains, hp)
         out = _map(lambda g, k: (k * g).astype(g.dtype), updates, gains)
         prev = _map(lambda g, p: g.astype(p.dtype), updates, state.prev_grad)
-        return out, GainsState(None, gains, prev)
+        return out, GainsState(gains, prev)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
