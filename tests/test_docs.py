@@ -47,7 +47,7 @@ ALL_ON = {
     "sgd": dict(learning_rate=0.1, momentum=0.9, dampening=0.1, weight_decay=0.1),
     "classical_momentum": dict(learning_rate=0.1),
     "nesterov_momentum": dict(learning_rate=0.1),
-    "adagrad": dict(weight_decay=0.1),
+    "adagrad": dict(weight_decay=0.1, lr_decay=0.01, initial_accumulator_value=0.1),
     "rmsprop": dict(weight_decay=0.1, momentum=0.9),
     "adam": dict(weight_decay=0.1),
     "adamw": dict(),

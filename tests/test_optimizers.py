@@ -177,7 +177,7 @@ def _counters(state) -> dict:
 
 
 # How many step counters each optimizer keeps: one where the update reads it (Adam's bias
-# correction, AdaGrad's first step and lr_decay, Rprop's first step, a damped momentum's
+# correction, AdaGrad's initial value and lr_decay, Rprop's first step, a damped momentum's
 # first step, a schedule), none elsewhere; optax keeps the same ones.
 COUNTERS = [
     ("sgd", lambda: optlab.sgd(0.1), 0),
@@ -186,7 +186,9 @@ COUNTERS = [
     ("sgd-dampening", lambda: optlab.sgd(0.1, momentum=0.9, dampening=0.5), 1),
     ("sgd-schedule", lambda: optlab.sgd(optlab.schedules.cosine(0.1, 10), momentum=0.9), 1),
     ("classical-momentum", lambda: optlab.classical_momentum(0.1), 0),
-    ("adagrad", lambda: optlab.adagrad(0.1), 1),
+    ("adagrad", lambda: optlab.adagrad(0.1), 0),
+    ("adagrad-lr-decay", lambda: optlab.adagrad(0.1, lr_decay=0.01), 1),
+    ("adagrad-initial-value", lambda: optlab.adagrad(0.1, initial_accumulator_value=0.1), 1),
     ("rmsprop-centered", lambda: optlab.rmsprop(0.01, momentum=0.9, centered=True), 0),
     ("adam", lambda: optlab.adam(1e-3), 1),
     ("adam-schedule", lambda: optlab.adam(optlab.schedules.cosine(1e-3, 10)), 2),

@@ -141,18 +141,22 @@ def adagrad(
     _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     _checks.check_nonnegative("eps", eps)
 
-    def build(learning_rate, lr_decay, initial_accumulator_value, eps, weight_decay=None):
+    def build(learning_rate, eps, lr_decay=None, initial_accumulator_value=None, weight_decay=None):
         return chain(
             _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_adagrad(initial_accumulator_value, eps, lr_decay),
+            _adaptive.scale_by_adagrad(
+                0.0 if initial_accumulator_value is None else initial_accumulator_value,
+                eps,
+                0.0 if lr_decay is None else lr_decay,
+            ),
             _scaling.scale_by_learning_rate(learning_rate),
         )
 
     return with_hyperparams(
         build,
         learning_rate=learning_rate,
-        lr_decay=lr_decay,
-        initial_accumulator_value=initial_accumulator_value,
+        lr_decay=_off(lr_decay),
+        initial_accumulator_value=_off(initial_accumulator_value),
         eps=eps,
         weight_decay=_off(weight_decay),
     )

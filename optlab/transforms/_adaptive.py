@@ -29,7 +29,7 @@ def _zeros(params, dtype=None):
 
 
 class AdagradState(NamedTuple):
-    count: jax.Array
+    count: jax.Array | None  # None unless an initial value or lr_decay needs the step
     sum_of_squares: Any
 
 
@@ -39,30 +39,37 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
     .. math:: s_t = s_{t-1} + g_t^2, \\qquad u_t = \\frac{g_t}{(\\sqrt{s_t} + \\epsilon)(1 + (t-1)\\,\\eta_{decay})}
 
     with :math:`s_0` = ``initial_accumulator_value``, as ``torch.optim.Adagrad``
-    (whose ``lr_decay`` divides the learning rate; folded in here).
+    (whose ``lr_decay`` divides the learning rate; folded in here). A literal
+    ``0`` for ``initial_accumulator_value`` or ``lr_decay`` compiles that
+    feature out; without either, no step counter is kept.
     """
     _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("lr_decay", lr_decay)
+    from_init = not _checks.is_zero(initial_accumulator_value)
+    decayed = not _checks.is_zero(lr_decay)
 
     def init_fn(params):
-        return AdagradState(step_counter(), _zeros(params))
+        return AdagradState(step_counter(from_init or decayed), _zeros(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay
+        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay if decayed else None
         hp = leaf_scalars(state.sum_of_squares, init=initial_accumulator_value, eps=eps, decay=decay, count=state.count)
-        # The accumulator takes its initial value on the first update, so a changed
-        # `initial_accumulator_value` (set_hyperparams before training) is honoured.
-        s = _map(
-            lambda s, g, h: (jnp.where(h["count"] == 0, h["init"], s) + g * g).astype(s.dtype),
-            state.sum_of_squares,
-            updates,
-            hp,
-        )
+
+        def accumulate(s, g, h):
+            # The accumulator takes its initial value on the first update, so a changed
+            # `initial_accumulator_value` (set_hyperparams before training) is honoured.
+            # From zero, the select would change nothing: it is left out.
+            if from_init:
+                s = jnp.where(h["count"] == 0, h["init"], s)
+            return (s + g * g).astype(s.dtype)
+
+        s = _map(accumulate, state.sum_of_squares, updates, hp)
 
         def direction(g, s, h):
-            return (g / (jnp.sqrt(s) + h["eps"]) / h["decay"]).astype(g.dtype)
+            u = g / (jnp.sqrt(s) + h["eps"])
+            return (u / h["decay"] if decayed else u).astype(g.dtype)
 
         out = _map(direction, updates, s, hp)
         return out, AdagradState(safe_increment(state.count), s)
