@@ -279,6 +279,22 @@ def test_corrupt_checkpoint_is_skipped_on_resume_with_a_warning(bn_run, tmp_path
     _assert_resumed_from_previous(result, bn_run, run_dir)
 
 
+def test_an_intact_checkpoint_of_another_state_layout_is_an_error_not_a_fresh_start(tmp_path):
+    # Falling back would train from scratch and prune the run's checkpoints; the run's
+    # state layout changed instead (another optimizer configuration or optlab version).
+    from optlab.train._checkpoint import save
+
+    written = optlab.sgd(0.1, momentum=0.9, dampening=0.5).init({"w": jnp.ones(3)})  # keeps a step counter
+    save(tmp_path, 1, written, {"history": []})
+    files_before = sorted(p.name for p in tmp_path.rglob("*"))
+    other = optlab.sgd(0.1, momentum=0.9).init({"w": jnp.ones(3)})  # no step counter
+    with pytest.raises(ValueError, match=r"epoch_0001 is intact but does not fit this run's state"):
+        restore_latest(tmp_path, other)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == files_before
+    restored, meta = restore_latest(tmp_path, written)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(written)
+
+
 def test_no_checkpoint_at_all(tmp_path):
     assert committed_checkpoints(tmp_path / "missing") == []
     assert restore_latest(tmp_path / "missing", {"w": jnp.zeros(2)}) is None

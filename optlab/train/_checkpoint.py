@@ -101,19 +101,33 @@ def restore_latest(folder: str | os.PathLike, like: Any) -> tuple[Any, dict] | N
 
     Returns ``(state, meta)`` or None when there is none. NamedTuples (the
     optimizer's states) come back intact because ``like`` gives the structure.
+    A damaged checkpoint is skipped for the previous one. An intact one (every
+    file matches its recorded digest) that does not fit ``like`` raises
+    ``ValueError``: the run was made with another state layout (another
+    optimizer configuration or optlab version), so falling back would start
+    over and prune the run's checkpoints.
     """
     folder = pathlib.Path(folder)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     for epoch in reversed(committed(folder)):
         path = folder / f"epoch_{epoch:04d}"
+        intact = False
         try:
             meta = json.loads((folder / f"epoch_{epoch:04d}.json").read_text())
             problem = _damage(path, meta.get("files", {}))
             if problem is not None:
                 warnings.warn(f"checkpoint {path} is damaged ({problem}); trying the previous one", RuntimeWarning)
                 continue
+            intact = bool(meta.get("files"))
             state = ocp.StandardCheckpointer().restore(path.absolute(), abstract)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: use the previous one
+            if intact:
+                raise ValueError(
+                    f"checkpoint {path} is intact but does not fit this run's state ({type(e).__name__}: {e}). "
+                    "It was written with another state layout: another optimizer configuration or optlab "
+                    "version. Nothing was changed; resume with the configuration and version that wrote it, "
+                    "or start a new run folder."
+                ) from e
             warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one", RuntimeWarning)
             continue
         meta.pop("files", None)
