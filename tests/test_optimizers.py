@@ -196,6 +196,8 @@ COUNTERS = [
     ("adadelta", lambda: optlab.adadelta(), 0),
     ("rprop", lambda: optlab.rprop(), 1),
     ("adaptive-gains", lambda: optlab.adaptive_gains(0.1), 0),
+    ("decoupled-weight-decay", lambda: optlab.decoupled_weight_decay(0.1, 0.01), 0),
+    ("decoupled-weight-decay-schedule", lambda: optlab.decoupled_weight_decay(0.1, optlab.schedules.cosine(0.01, 10)), 1),
 ]
 
 

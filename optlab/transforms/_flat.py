@@ -34,8 +34,9 @@ bound by memory bandwidth, and packing them would only add a copy.
 What remains is LLVM's choice of which multiply-add pairs to fuse into FMA
 instructions, made loop by loop. ``tests/test_flat.py`` shows the flat and
 per-leaf trajectories identical for every optimizer when FMA is unavailable,
-and under the default flags for all of them but AdaGrad, whose first-step
-select leaves one product of a small per-leaf array unfused (explained there),
+and under the default flags for all of them but AdaGrad with an initial
+accumulator value, whose first-step select leaves one product of a small
+per-leaf array unfused (explained there),
 and, with jax 0.12, AdaDelta and RMSprop with ``eps_in_sqrt``; under ``vmap``
 the FMA choices differ for more of them (all agree to the last bit or two).
 Transforms that reduce over the whole tree (``clip_by_global_norm``, SWATS's

@@ -13,10 +13,10 @@ from optlab._base import (
     EmptyState,
     GradientTransformationExtraArgs,
     check_same_structure,
-    count_dtype,
     global_norm,
     leaf_scalars,
     safe_increment,
+    step_counter,
 )
 
 ScalarOrSchedule = Any  # float | jax.Array | Callable[[step], value]
@@ -61,7 +61,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
         def init_fn(params):
             del params
-            return CountState(jnp.zeros([], count_dtype()))
+            return CountState(step_counter())
 
         def update_fn(updates, state, params=None, **extra):
             del params, extra
@@ -126,7 +126,7 @@ def decoupled_weight_decay(weight_decay, learning_rate: ScalarOrSchedule = 1.0) 
 
     def init_fn(params):
         del params
-        return CountState(jnp.zeros([], count_dtype()))
+        return CountState(step_counter(lr_is_schedule))
 
     def update_fn(updates, state, params=None, **extra):
         del extra
