@@ -111,3 +111,20 @@ def is_zero(value: Any) -> bool:
     """
     # Exact Python types only: a numpy scalar counts as data, like an array.
     return type(value) in (int, float) and value == 0
+
+
+def check_float_dtype(name: str, value: Any) -> np.dtype | None:
+    """``None``, or ``value`` as a floating-point dtype (``"float32"``, ``jnp.bfloat16``...).
+
+    For the dtype of an optimizer's per-parameter state: the name is checked
+    when the optimizer is built, not at its first ``init``.
+    """
+    if value is None:
+        return None
+    try:
+        dtype = jax.numpy.dtype(value)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        raise ValueError(f"`{name}` (={value!r}) must be None or a floating-point dtype such as 'float32'")
+    return dtype

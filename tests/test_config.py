@@ -81,6 +81,7 @@ BAD = [
     ("optimizer.learning_rate", "fast", "optimizer 'sgd': `learning_rate` (='fast')"),
     ("optimizer.momentum", 1.5, "optimizer 'sgd': `momentum` (=1.5)"),
     ("optimizer.momentum", "high", "`optimizer.momentum`"),
+    ("optimizer.accumulator_dtype", "flot32", "optimizer 'sgd': `accumulator_dtype` (='flot32')"),
     ("optimizer.learning_rate", {"schedule": "cosyne", "init_value": 0.1}, "`optimizer.learning_rate.schedule`"),
     ("optimizer.learning_rate", {"schedule": "cosine", "init_value": 0.1, "T_max": 10, "bogus": 1},
      "`optimizer.learning_rate.bogus`"),
@@ -165,6 +166,14 @@ def test_every_optimizer_is_constructible_by_name(name):
     for k in expected:
         np.testing.assert_array_equal(from_config[k], expected[k])
     assert float(optlab.hyperparams(state)["learning_rate"]) == pytest.approx(args["learning_rate"])
+
+
+@pytest.mark.parametrize(("name", "key"), [("sgd", "accumulator_dtype"), ("adagrad", "accumulator_dtype"), ("adam", "mu_dtype")])
+def test_state_dtype_from_a_config(name, key):
+    # A config names the dtype as a string: float32 state for bfloat16 parameters.
+    opt = build_optimizer({"name": name, "learning_rate": 0.1, **({"momentum": 0.9} if name == "sgd" else {}), key: "float32"})
+    state = opt.init({"w": jnp.ones(3, jnp.bfloat16)})
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state) if x.ndim > 0} == {jnp.dtype(jnp.float32)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,6 +277,65 @@ def test_mu_dtype_keeps_float32_moments_for_bfloat16_params(make):
         nu = b2 * nu + (1 - b2) * gt * gt
     np.testing.assert_allclose(np.asarray(adam_state.mu["w"]), mu, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(adam_state.nu["w"]), nu, rtol=2e-5, atol=1e-9)
+
+
+# Optimizers whose per-parameter state depends on the gradients alone (no coupled weight
+# decay), with their state dtype set to `dt`.
+STATE_DTYPE = [
+    ("sgd-momentum", lambda dt: optlab.sgd(0.1, momentum=0.9, accumulator_dtype=dt)),
+    ("sgd-nesterov", lambda dt: optlab.sgd(0.1, momentum=0.9, nesterov=True, accumulator_dtype=dt)),
+    ("sgd-dampening", lambda dt: optlab.sgd(0.1, momentum=0.9, dampening=0.5, accumulator_dtype=dt)),
+    ("classical_momentum", lambda dt: optlab.classical_momentum(0.1, accumulator_dtype=dt)),
+    ("nesterov_momentum", lambda dt: optlab.nesterov_momentum(0.1, accumulator_dtype=dt)),
+    ("adagrad", lambda dt: optlab.adagrad(0.1, accumulator_dtype=dt)),
+    ("adagrad-initial", lambda dt: optlab.adagrad(0.1, initial_accumulator_value=0.1, accumulator_dtype=dt)),
+    ("rmsprop", lambda dt: optlab.rmsprop(0.01, accumulator_dtype=dt)),
+    ("rmsprop-centered", lambda dt: optlab.rmsprop(0.01, centered=True, accumulator_dtype=dt)),
+    ("adadelta", lambda dt: optlab.adadelta(accumulator_dtype=dt)),
+    ("adam", lambda dt: optlab.adam(1e-2, mu_dtype=dt)),
+    ("adamw", lambda dt: optlab.adamw(1e-2, mu_dtype=dt)),
+]
+
+
+def _slots(state):
+    return [x for x in jax.tree_util.tree_leaves(state) if x.ndim > 0]
+
+
+@pytest.mark.parametrize("make", [m for _, m in STATE_DTYPE], ids=[n for n, _ in STATE_DTYPE])
+def test_float32_state_for_bfloat16_params_is_float32_accurate(make):
+    # bfloat16 parameters with float32 state must keep the state a float32 run keeps on the
+    # same gradients; the control, the state left in bfloat16, must not.
+    grads = jax.random.normal(jax.random.key(5), (60, 7)).astype(jnp.bfloat16)  # bfloat16-exact values
+
+    def run(opt, dtype):
+        params = {"w": jnp.linspace(-1.0, 1.0, 7).astype(dtype)}
+
+        def step(carry, g):
+            p, s = carry
+            u, s = opt.update({"w": g.astype(dtype)}, s, p)
+            return (optlab.apply_updates(p, u), s), u["w"]
+
+        (final, state), updates = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), grads))(params)
+        return final["w"], updates, state
+
+    final, updates, state = run(make(jnp.float32), jnp.bfloat16)
+    assert final.dtype == jnp.bfloat16 and updates.dtype == jnp.bfloat16
+    assert {x.dtype for x in _slots(state)} == {jnp.dtype(jnp.float32)}
+    _, _, reference = run(make(None), jnp.float32)
+    _, _, control = run(make(None), jnp.bfloat16)
+    assert {x.dtype for x in _slots(control)} == {jnp.dtype(jnp.bfloat16)}
+    for got, want, low in zip(_slots(state), _slots(reference), _slots(control)):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6 * scale)
+        assert float(jnp.max(jnp.abs(low.astype(jnp.float32) - want))) > 1e-4 * scale
+
+
+@pytest.mark.parametrize("make", [m for _, m in STATE_DTYPE], ids=[n for n, _ in STATE_DTYPE])
+def test_state_dtype_must_be_a_floating_dtype(make):
+    name = "mu_dtype" if "mu_dtype" in inspect.getsource(make) else "accumulator_dtype"
+    for bad in ("flot32", "int32"):
+        with pytest.raises(ValueError, match=f"`{name}` \\(='{bad}'\\) must be None or a floating-point dtype"):
+            make(bad)
 
 
 # --- momentum identities -------------------------------------------------------------------

@@ -40,6 +40,8 @@ def sgd(
     weight_decay=0.0,
     nesterov: bool = False,
     maximize: bool = False,
+    *,
+    accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """Stochastic gradient descent with optional momentum, as ``torch.optim.SGD``.
 
@@ -49,7 +51,9 @@ def sgd(
         w_t = w_{t-1} - \\eta \\,(g_t + \\mu b_t \\text{ if nesterov else } b_t)
 
     Robbins & Monro (1951); momentum Polyak (1964); Nesterov in the form of
-    Sutskever et al. (2013). ``maximize`` ascends instead.
+    Sutskever et al. (2013). ``maximize`` ascends instead. ``accumulator_dtype``
+    sets the momentum buffer's dtype (float32 for bfloat16 parameters); by
+    default it is the parameters' own.
 
     Example:
       >>> import jax, jax.numpy as jnp, optlab
@@ -64,6 +68,7 @@ def sgd(
     _checks.check_range("momentum", momentum, 0.0, 1.0)
     _checks.check_range("dampening", dampening, 0.0, 1.0)
     _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
     if nesterov:
         m, d = _checks.concrete(momentum), _checks.concrete(dampening)
         if (m is not None and (m <= 0).any()) or (d is not None and (d != 0).any()):
@@ -76,7 +81,7 @@ def sgd(
         return chain(
             _negate() if maximize else identity(),
             _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _momentum.trace(momentum, 0.0 if dampening is None else dampening, nesterov)
+            _momentum.trace(momentum, 0.0 if dampening is None else dampening, nesterov, accumulator_dtype)
             if momentum is not None
             else identity(),
             _scaling.scale_by_learning_rate(learning_rate),
@@ -92,33 +97,43 @@ def sgd(
     )
 
 
-def classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+def classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
     """Classical momentum, learning rate inside the velocity: ``v = mu*v - lr*g; w += v``.
 
     Goodfellow, Bengio & Courville (2016), Algorithm 8.2. Equals
     ``sgd(lr, momentum)`` for a constant learning rate (PyTorch's buffer is
     ``-v / lr``); they differ when the learning rate changes during training.
+    ``accumulator_dtype`` sets the velocity's dtype (float32 for bfloat16
+    parameters).
     """
     _check_lr(learning_rate)
     _checks.check_probability("momentum", momentum)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
     return with_hyperparams(
-        lambda learning_rate, momentum: _momentum.scale_by_classical_momentum(learning_rate, momentum),
+        lambda learning_rate, momentum: _momentum.scale_by_classical_momentum(
+            learning_rate, momentum, accumulator_dtype=accumulator_dtype
+        ),
         learning_rate=learning_rate,
         momentum=momentum,
     )
 
 
-def nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+def nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
     """Nesterov momentum (Goodfellow et al. 2016, Alg. 8.3; Sutskever et al. 2013), reparametrised.
 
     ``v = mu*v - lr*g(w); w += -mu*v_prev + (1+mu)*v``: the stored parameters
     are the look-ahead points, so one gradient per step suffices. See
     `optlab.transforms.scale_by_nesterov_momentum` for the derivation.
+    ``accumulator_dtype`` sets the velocity's dtype (float32 for bfloat16
+    parameters).
     """
     _check_lr(learning_rate)
     _checks.check_probability("momentum", momentum)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
     return with_hyperparams(
-        lambda learning_rate, momentum: _momentum.scale_by_nesterov_momentum(learning_rate, momentum),
+        lambda learning_rate, momentum: _momentum.scale_by_nesterov_momentum(
+            learning_rate, momentum, accumulator_dtype=accumulator_dtype
+        ),
         learning_rate=learning_rate,
         momentum=momentum,
     )
@@ -130,16 +145,23 @@ def adagrad(
     weight_decay=0.0,
     initial_accumulator_value=0.0,
     eps=1e-10,
+    *,
+    accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """AdaGrad (Duchi, Hazan & Singer, 2011), as ``torch.optim.Adagrad``.
 
     .. math:: s_t = s_{t-1} + g_t^2, \\quad w_t = w_{t-1} - \\frac{\\eta}{1 + (t-1)\\,\\eta_{decay}} \\frac{g_t}{\\sqrt{s_t} + \\epsilon}
+
+    ``accumulator_dtype`` sets the dtype of :math:`s` (float32 for bfloat16
+    parameters: a sum of squares kept in bfloat16 stops growing once it is
+    256 times the size of a new term).
     """
     _check_lr(learning_rate)
     _checks.check_nonnegative("lr_decay", lr_decay)
     _checks.check_nonnegative("weight_decay", weight_decay)
     _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     _checks.check_nonnegative("eps", eps)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, eps, lr_decay=None, initial_accumulator_value=None, weight_decay=None):
         return chain(
@@ -148,6 +170,7 @@ def adagrad(
                 0.0 if initial_accumulator_value is None else initial_accumulator_value,
                 eps,
                 0.0 if lr_decay is None else lr_decay,
+                accumulator_dtype=accumulator_dtype,
             ),
             _scaling.scale_by_learning_rate(learning_rate),
         )
@@ -170,6 +193,8 @@ def rmsprop(
     momentum=0.0,
     centered: bool = False,
     eps_in_sqrt: bool = False,
+    *,
+    accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """RMSProp (Tieleman & Hinton, 2012), as ``torch.optim.RMSprop``.
 
@@ -181,18 +206,23 @@ def rmsprop(
     subtracts the squared mean gradient (Graves, 2013); ``eps_in_sqrt=True``
     uses :math:`\\sqrt{\\epsilon + r_t}`, Goodfellow et al. (2016) Algorithm 8.5.
     RMSProp with momentum (Alg. 8.6 in spirit) is ``rmsprop(momentum=0.9)``.
+    ``accumulator_dtype`` sets the dtype of the averages and the momentum
+    buffer (float32 for bfloat16 parameters); the buffer then sums directions
+    rounded to the parameters' dtype, as every block of a chain emits its
+    update in the dtype of the gradient it was given.
     """
     _check_lr(learning_rate)
     _checks.check_probability("alpha", alpha)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("weight_decay", weight_decay)
     _checks.check_probability("momentum", momentum)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, alpha, eps, weight_decay=None, momentum=None):
         return chain(
             _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_rms(alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt),
-            _momentum.trace(momentum) if momentum is not None else identity(),
+            _adaptive.scale_by_rms(alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt, accumulator_dtype=accumulator_dtype),
+            _momentum.trace(momentum, accumulator_dtype=accumulator_dtype) if momentum is not None else identity(),
             _scaling.scale_by_learning_rate(learning_rate),
         )
 
@@ -232,6 +262,7 @@ def adam(
     _checks.check_probability("b2", b2)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
         return chain(
@@ -264,6 +295,7 @@ def adamw(
     _checks.check_probability("b2", b2)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
         return chain(
@@ -275,23 +307,29 @@ def adamw(
     return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
 
 
-def adadelta(learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0) -> GradientTransformationExtraArgs:
+def adadelta(
+    learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """AdaDelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
 
     .. math::
         r_t = \\rho r_{t-1} + (1-\\rho) g_t^2, \\quad
         \\Delta_t = \\frac{\\sqrt{a_{t-1}+\\epsilon}}{\\sqrt{r_t+\\epsilon}} g_t, \\quad
         a_t = \\rho a_{t-1} + (1-\\rho)\\Delta_t^2, \\quad w_t = w_{t-1} - \\eta \\Delta_t
+
+    ``accumulator_dtype`` sets the dtype of :math:`r` and :math:`a` (float32
+    for bfloat16 parameters).
     """
     _check_lr(learning_rate)
     _checks.check_probability("rho", rho)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("weight_decay", weight_decay)
+    _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, rho, eps, weight_decay=None):
         return chain(
             _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_adadelta(rho, eps),
+            _adaptive.scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype),
             _scaling.scale_by_learning_rate(learning_rate),
         )
 

@@ -25,6 +25,13 @@ def _zeros(params, dtype=None):
     return _map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
 
+def _square(g, slot):
+    # g^2 in the wider of the gradient's and the state's dtypes: with float32 state
+    # for bfloat16 parameters the square is taken in float32, not rounded to bfloat16.
+    g = g.astype(jnp.promote_types(g.dtype, slot.dtype))
+    return g * g
+
+
 # --- AdaGrad ---------------------------------------------------------------------------------
 
 
@@ -33,7 +40,9 @@ class AdagradState(NamedTuple):
     sum_of_squares: Any
 
 
-def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> GradientTransformationExtraArgs:
+def scale_by_adagrad(
+    initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """AdaGrad's direction (Duchi, Hazan & Singer, 2011, JMLR 12).
 
     .. math:: s_t = s_{t-1} + g_t^2, \\qquad u_t = \\frac{g_t}{(\\sqrt{s_t} + \\epsilon)(1 + (t-1)\\,\\eta_{decay})}
@@ -41,16 +50,19 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
     with :math:`s_0` = ``initial_accumulator_value``, as ``torch.optim.Adagrad``
     (whose ``lr_decay`` divides the learning rate; folded in here). A literal
     ``0`` for ``initial_accumulator_value`` or ``lr_decay`` compiles that
-    feature out; without either, no step counter is kept.
+    feature out; without either, no step counter is kept. ``accumulator_dtype``
+    sets the dtype of :math:`s` (float32 for bfloat16 parameters); by default
+    it is the parameters' own.
     """
     _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     _checks.check_nonnegative("eps", eps)
     _checks.check_nonnegative("lr_decay", lr_decay)
     from_init = not _checks.is_zero(initial_accumulator_value)
     decayed = not _checks.is_zero(lr_decay)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return AdagradState(step_counter(from_init or decayed), _zeros(params))
+        return AdagradState(step_counter(from_init or decayed), _zeros(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -60,10 +72,12 @@ def scale_by_adagrad(initial_accumulator_value=0.0, eps=1e-10, lr_decay=0.0) -> 
         def accumulate(s, g, h):
             # The accumulator takes its initial value on the first update, so a changed
             # `initial_accumulator_value` (set_hyperparams before training) is honoured.
-            # From zero, the select would change nothing: it is left out.
+            # From zero, the select would change nothing: it is left out. The float32
+            # initial value must not widen a bfloat16 accumulator: the state keeps its dtype.
+            dtype = s.dtype
             if from_init:
                 s = jnp.where(h["count"] == 0, h["init"], s)
-            return (s + g * g).astype(s.dtype)
+            return (s + _square(g, s)).astype(dtype)
 
         s = _map(accumulate, state.sum_of_squares, updates, hp)
 
@@ -86,7 +100,9 @@ class RmsState(NamedTuple):
     grad_avg: Any  # () unless centered
 
 
-def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool = False) -> GradientTransformationExtraArgs:
+def scale_by_rms(
+    alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool = False, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """RMSProp's direction (Tieleman & Hinton, 2012, Lecture 6.5).
 
     .. math:: r_t = \\alpha r_{t-1} + (1-\\alpha) g_t^2, \\qquad u_t = \\frac{g_t}{\\sqrt{r_t} + \\epsilon}
@@ -95,18 +111,21 @@ def scale_by_rms(alpha=0.99, eps=1e-8, centered: bool = False, eps_in_sqrt: bool
     (1-\\alpha) g_t` and divides by :math:`\\sqrt{r_t - m_t^2} + \\epsilon`.
     ``eps_in_sqrt=True`` divides by :math:`\\sqrt{\\epsilon + r_t}` instead,
     Goodfellow et al. (2016) Algorithm 8.5. The default matches ``torch.optim.RMSprop``.
+    ``accumulator_dtype`` sets the dtype of :math:`r` and :math:`m` (float32 for
+    bfloat16 parameters); by default it is the parameters' own.
     """
     _checks.check_probability("alpha", alpha)
     _checks.check_nonnegative("eps", eps)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return RmsState(_zeros(params), _zeros(params) if centered else ())
+        return RmsState(_zeros(params, accumulator_dtype), _zeros(params, accumulator_dtype) if centered else ())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         hp = leaf_scalars(state.square_avg, alpha=alpha, eps=eps)
         sq = _map(
-            lambda r, g, h: (h["alpha"] * r + (1 - h["alpha"]) * (g * g)).astype(r.dtype), state.square_avg, updates, hp
+            lambda r, g, h: (h["alpha"] * r + (1 - h["alpha"]) * _square(g, r)).astype(r.dtype), state.square_avg, updates, hp
         )
         if centered:
             ga = _map(lambda m, g, h: (m + (1 - h["alpha"]) * (g - m)).astype(m.dtype), state.grad_avg, updates, hp)
@@ -158,6 +177,7 @@ def scale_by_adam(
     _checks.check_probability("b1", b1)
     _checks.check_probability("b2", b2)
     _checks.check_nonnegative("eps", eps)
+    mu_dtype = _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
         return AdamState(
@@ -182,7 +202,7 @@ def scale_by_adam(
             inv_bc1 = inv_bc2_sqrt = None
         hp = leaf_scalars(state.mu, b1=b1, b2=b2, eps=eps, inv_bc1=inv_bc1, inv_bc2_sqrt=inv_bc2_sqrt)
         mu = _map(lambda m, g, h: (m + (1 - h["b1"]) * (g - m)).astype(m.dtype), state.mu, updates, hp)
-        nu = _map(lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * (g * g)).astype(v.dtype), state.nu, updates, hp)
+        nu = _map(lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * _square(g, v)).astype(v.dtype), state.nu, updates, hp)
         nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
         denom_v = nu_max if amsgrad else nu
 
@@ -206,7 +226,7 @@ class AdadeltaState(NamedTuple):
     acc_delta: Any
 
 
-def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
+def scale_by_adadelta(rho=0.9, eps=1e-6, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
     """AdaDelta's direction (Zeiler, 2012, "ADADELTA: An Adaptive Learning Rate Method").
 
     .. math::
@@ -215,18 +235,21 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformationExtraArgs:
         a_t = \\rho a_{t-1} + (1-\\rho) \\Delta_t^2
 
     The learning rate (``torch.optim.Adadelta``'s, default 1.0) multiplies
-    :math:`\\Delta_t` afterwards.
+    :math:`\\Delta_t` afterwards. ``accumulator_dtype`` sets the dtype of
+    :math:`r` and :math:`a` (float32 for bfloat16 parameters); by default it is
+    the parameters' own.
     """
     _checks.check_probability("rho", rho)
     _checks.check_nonnegative("eps", eps)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return AdadeltaState(_zeros(params), _zeros(params))
+        return AdadeltaState(_zeros(params, accumulator_dtype), _zeros(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         hp = leaf_scalars(state.square_avg, rho=rho, eps=eps)
-        sq = _map(lambda r, g, h: (h["rho"] * r + (1 - h["rho"]) * (g * g)).astype(r.dtype), state.square_avg, updates, hp)
+        sq = _map(lambda r, g, h: (h["rho"] * r + (1 - h["rho"]) * _square(g, r)).astype(r.dtype), state.square_avg, updates, hp)
         delta = _map(
             lambda a, r, g, h: jnp.sqrt(a + h["eps"]) / jnp.sqrt(r + h["eps"]) * g, state.acc_delta, sq, updates, hp
         )

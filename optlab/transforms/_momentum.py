@@ -17,6 +17,10 @@ def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
 
+def _zeros(params, dtype=None):
+    return _map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
+
+
 class TraceState(NamedTuple):
     count: jax.Array | None  # None unless dampening is on (only the first damped step reads it)
     momentum_buffer: Any
@@ -32,7 +36,9 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
     with momentum :math:`\\mu` and dampening :math:`\\tau`; the buffer starts as
     the first gradient, undamped, as in PyTorch. With :math:`\\mu = 0`
     dampening is ignored (PyTorch keeps no buffer then). Nesterov's form here
-    is Sutskever et al. (2013) as PyTorch rewrites it.
+    is Sutskever et al. (2013) as PyTorch rewrites it. ``accumulator_dtype`` sets
+    the buffer's dtype (float32 for bfloat16 parameters); by default it is the
+    parameters' own.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -47,9 +53,10 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
             raise ValueError(f"nesterov momentum requires zero dampening, got `dampening` (={dampening!r})")
 
     damped = not _checks.is_zero(dampening)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return TraceState(step_counter(damped), _map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype), params))
+        return TraceState(step_counter(damped), _zeros(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -86,7 +93,9 @@ def _lr_at(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+def scale_by_classical_momentum(
+    learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """Classical momentum with the learning rate inside the velocity.
 
     .. math:: v_t = \\mu v_{t-1} - \\epsilon g_t, \\qquad w_t = w_{t-1} + v_t
@@ -94,14 +103,16 @@ def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -
     Goodfellow, Bengio & Courville (2016), *Deep Learning*, Algorithm 8.2
     (Polyak, 1964). The emitted update is :math:`v_t` itself. Unlike PyTorch's
     form, changing :math:`\\epsilon` mid-run leaves the velocity already built
-    untouched.
+    untouched. ``accumulator_dtype`` sets the velocity's dtype (float32 for
+    bfloat16 parameters); by default it is the parameters' own.
     """
     if not callable(learning_rate):
         _checks.check_nonnegative("learning_rate", learning_rate)
     _checks.check_probability("momentum", momentum)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return VelocityState(step_counter(callable(learning_rate)), _map(jnp.zeros_like, params))
+        return VelocityState(step_counter(callable(learning_rate)), _zeros(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -112,7 +123,9 @@ def scale_by_classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def scale_by_nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) -> GradientTransformationExtraArgs:
+def scale_by_nesterov_momentum(
+    learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """Nesterov's accelerated gradient, reparametrised so it needs one gradient per step.
 
     The look-ahead form (Goodfellow et al. 2016, Algorithm 8.3; Sutskever et
@@ -130,14 +143,16 @@ def scale_by_nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9) ->
     Both produce the same sequence of points, :math:`\\tilde w_t = w_t + \\mu v_t`
     (tested in ``tests/test_optimizers.py``). The parameters a user holds are
     therefore the look-ahead points, which is what the next gradient is
-    evaluated at.
+    evaluated at. ``accumulator_dtype`` sets the velocity's dtype (float32 for
+    bfloat16 parameters); by default it is the parameters' own.
     """
     if not callable(learning_rate):
         _checks.check_nonnegative("learning_rate", learning_rate)
     _checks.check_probability("momentum", momentum)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return VelocityState(step_counter(callable(learning_rate)), _map(jnp.zeros_like, params))
+        return VelocityState(step_counter(callable(learning_rate)), _zeros(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
