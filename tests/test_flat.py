@@ -278,13 +278,22 @@ def test_mixed_dtypes_pack_by_dtype_and_match_per_leaf():
     assert_trajectories_equal(per_leaf, flat)  # also checks every leaf kept its dtype
 
 
-def test_float32_moments_for_bfloat16_parameters():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optlab.adam(1e-2, mu_dtype=jnp.float32),
+        lambda: optlab.sgd(1e-2, momentum=0.9, accumulator_dtype=jnp.float32),
+        lambda: optlab.rmsprop(1e-2, centered=True, accumulator_dtype=jnp.float32),
+    ],
+    ids=["adam", "sgd-momentum", "rmsprop-centered"],
+)
+def test_float32_state_for_bfloat16_parameters(make):
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), PARAMS)
     grads = [jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), g) for g in GRADS]
-    opt = lambda: optlab.adam(1e-2, mu_dtype=jnp.float32)  # noqa: E731
-    state = flatten(opt()).init(params)
-    assert state.inner_state.inner_state[1].nu["bfloat16"].dtype == jnp.float32
-    assert_trajectories_equal(trajectory(opt(), params, grads)[0], trajectory(flatten(opt()), params, grads)[0])
+    state = flatten(make()).init(params)
+    slots = [x for x in jax.tree_util.tree_leaves(state.inner_state.inner_state) if x.ndim > 0]
+    assert slots and {x.dtype for x in slots} == {jnp.dtype(jnp.float32)}
+    assert_trajectories_equal(trajectory(make(), params, grads)[0], trajectory(flatten(make()), params, grads)[0])
 
 
 def test_nnx_state_parameters():
