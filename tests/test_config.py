@@ -168,10 +168,18 @@ def test_every_optimizer_is_constructible_by_name(name):
     assert float(optlab.hyperparams(state)["learning_rate"]) == pytest.approx(args["learning_rate"])
 
 
-@pytest.mark.parametrize(("name", "key"), [("sgd", "accumulator_dtype"), ("adagrad", "accumulator_dtype"), ("adam", "mu_dtype")])
-def test_state_dtype_from_a_config(name, key):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "sgd", "momentum": 0.9, "accumulator_dtype": "float32"},
+        {"name": "adagrad", "accumulator_dtype": "float32"},
+        {"name": "adam", "mu_dtype": "float32"},
+    ],
+    ids=["sgd", "adagrad", "adam"],
+)
+def test_state_dtype_from_a_config(spec):
     # A config names the dtype as a string: float32 state for bfloat16 parameters.
-    opt = build_optimizer({"name": name, "learning_rate": 0.1, **({"momentum": 0.9} if name == "sgd" else {}), key: "float32"})
+    opt = build_optimizer({"learning_rate": 0.1, **spec})
     state = opt.init({"w": jnp.ones(3, jnp.bfloat16)})
     assert {x.dtype for x in jax.tree_util.tree_leaves(state) if x.ndim > 0} == {jnp.dtype(jnp.float32)}
 

@@ -97,7 +97,9 @@ def sgd(
     )
 
 
-def classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
+def classical_momentum(
+    learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """Classical momentum, learning rate inside the velocity: ``v = mu*v - lr*g; w += v``.
 
     Goodfellow, Bengio & Courville (2016), Algorithm 8.2. Equals
@@ -118,7 +120,9 @@ def classical_momentum(learning_rate: ScalarOrSchedule, momentum=0.9, *, accumul
     )
 
 
-def nesterov_momentum(learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
+def nesterov_momentum(
+    learning_rate: ScalarOrSchedule, momentum=0.9, *, accumulator_dtype=None
+) -> GradientTransformationExtraArgs:
     """Nesterov momentum (Goodfellow et al. 2016, Alg. 8.3; Sutskever et al. 2013), reparametrised.
 
     ``v = mu*v - lr*g(w); w += -mu*v_prev + (1+mu)*v``: the stored parameters
@@ -221,7 +225,9 @@ def rmsprop(
     def build(learning_rate, alpha, eps, weight_decay=None, momentum=None):
         return chain(
             _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_rms(alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt, accumulator_dtype=accumulator_dtype),
+            _adaptive.scale_by_rms(
+                alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt, accumulator_dtype=accumulator_dtype
+            ),
             _momentum.trace(momentum, accumulator_dtype=accumulator_dtype) if momentum is not None else identity(),
             _scaling.scale_by_learning_rate(learning_rate),
         )

@@ -14,15 +14,18 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, leaf_scalars, safe_increment, step_counter
+from optlab._base import (
+    GradientTransformationExtraArgs,
+    leaf_scalars,
+    safe_increment,
+    step_counter,
+    tree_zeros_like,
+)
 
 
 def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
-
-def _zeros(params, dtype=None):
-    return _map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
 
 def _square(g, slot):
@@ -62,7 +65,7 @@ def scale_by_adagrad(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return AdagradState(step_counter(from_init or decayed), _zeros(params, accumulator_dtype))
+        return AdagradState(step_counter(from_init or decayed), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -119,13 +122,17 @@ def scale_by_rms(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return RmsState(_zeros(params, accumulator_dtype), _zeros(params, accumulator_dtype) if centered else ())
+        zeros = lambda: tree_zeros_like(params, accumulator_dtype)  # noqa: E731
+        return RmsState(zeros(), zeros() if centered else ())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         hp = leaf_scalars(state.square_avg, alpha=alpha, eps=eps)
         sq = _map(
-            lambda r, g, h: (h["alpha"] * r + (1 - h["alpha"]) * _square(g, r)).astype(r.dtype), state.square_avg, updates, hp
+            lambda r, g, h: (h["alpha"] * r + (1 - h["alpha"]) * _square(g, r)).astype(r.dtype),
+            state.square_avg,
+            updates,
+            hp,
         )
         if centered:
             ga = _map(lambda m, g, h: (m + (1 - h["alpha"]) * (g - m)).astype(m.dtype), state.grad_avg, updates, hp)
@@ -182,9 +189,9 @@ def scale_by_adam(
     def init_fn(params):
         return AdamState(
             step_counter(bias_correction),
-            _zeros(params, mu_dtype),
-            _zeros(params, mu_dtype),
-            _zeros(params, mu_dtype) if amsgrad else (),
+            tree_zeros_like(params, mu_dtype),
+            tree_zeros_like(params, mu_dtype),
+            tree_zeros_like(params, mu_dtype) if amsgrad else (),
         )
 
     def update_fn(updates, state, params=None, **extra):
@@ -202,7 +209,9 @@ def scale_by_adam(
             inv_bc1 = inv_bc2_sqrt = None
         hp = leaf_scalars(state.mu, b1=b1, b2=b2, eps=eps, inv_bc1=inv_bc1, inv_bc2_sqrt=inv_bc2_sqrt)
         mu = _map(lambda m, g, h: (m + (1 - h["b1"]) * (g - m)).astype(m.dtype), state.mu, updates, hp)
-        nu = _map(lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * _square(g, v)).astype(v.dtype), state.nu, updates, hp)
+        nu = _map(
+            lambda v, g, h: (h["b2"] * v + (1 - h["b2"]) * _square(g, v)).astype(v.dtype), state.nu, updates, hp
+        )
         nu_max = _map(jnp.maximum, state.nu_max, nu) if amsgrad else ()
         denom_v = nu_max if amsgrad else nu
 
@@ -244,12 +253,17 @@ def scale_by_adadelta(rho=0.9, eps=1e-6, *, accumulator_dtype=None) -> GradientT
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return AdadeltaState(_zeros(params, accumulator_dtype), _zeros(params, accumulator_dtype))
+        return AdadeltaState(tree_zeros_like(params, accumulator_dtype), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         hp = leaf_scalars(state.square_avg, rho=rho, eps=eps)
-        sq = _map(lambda r, g, h: (h["rho"] * r + (1 - h["rho"]) * _square(g, r)).astype(r.dtype), state.square_avg, updates, hp)
+        sq = _map(
+            lambda r, g, h: (h["rho"] * r + (1 - h["rho"]) * _square(g, r)).astype(r.dtype),
+            state.square_avg,
+            updates,
+            hp,
+        )
         delta = _map(
             lambda a, r, g, h: jnp.sqrt(a + h["eps"]) / jnp.sqrt(r + h["eps"]) * g, state.acc_delta, sq, updates, hp
         )
@@ -292,7 +306,7 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
     _checks.check_positive("step_sizes[1]", step_max)
 
     def init_fn(params):
-        return RpropState(step_counter(), _zeros(params), _zeros(params))
+        return RpropState(step_counter(), tree_zeros_like(params), tree_zeros_like(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -345,7 +359,7 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         raise ValueError(f"`min_gain` (={min_gain!r}) must not exceed `max_gain` (={max_gain!r})")
 
     def init_fn(params):
-        return GainsState(_map(jnp.ones_like, params), _zeros(params))
+        return GainsState(_map(jnp.ones_like, params), tree_zeros_like(params))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra

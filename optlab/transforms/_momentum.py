@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, leaf_scalars, safe_increment, step_counter
+from optlab._base import (
+    GradientTransformationExtraArgs,
+    leaf_scalars,
+    safe_increment,
+    step_counter,
+    tree_zeros_like,
+)
 
 ScalarOrSchedule = Any
 
@@ -16,9 +22,6 @@ ScalarOrSchedule = Any
 def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
-
-def _zeros(params, dtype=None):
-    return _map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
 
 
 class TraceState(NamedTuple):
@@ -56,7 +59,7 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return TraceState(step_counter(damped), _zeros(params, accumulator_dtype))
+        return TraceState(step_counter(damped), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -112,7 +115,7 @@ def scale_by_classical_momentum(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return VelocityState(step_counter(callable(learning_rate)), _zeros(params, accumulator_dtype))
+        return VelocityState(step_counter(callable(learning_rate)), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
@@ -152,7 +155,7 @@ def scale_by_nesterov_momentum(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
-        return VelocityState(step_counter(callable(learning_rate)), _zeros(params, accumulator_dtype))
+        return VelocityState(step_counter(callable(learning_rate)), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
