@@ -36,7 +36,18 @@ import optax
 
 from optlab.transforms._flat import flatten
 
-from _common import base_parser, copy_tree, emit, environment, fmt_ratio, fmt_time, median, paired_ratio, table
+from _common import (
+    base_parser,
+    copy_tree,
+    emit,
+    environment,
+    fmt_ratio,
+    fmt_time,
+    median,
+    paired_ratio,
+    round_order,
+    table,
+)
 from update_step import OPTIMIZERS, array_tree, model_params, optax_optimizer, small_sizes
 
 PHASES = ("init", "trace", "compile", "run")
@@ -109,8 +120,7 @@ def main(argv=None) -> dict:
             for make in variants(name).values():
                 first_step(make, params, grads)
             for r in range(rounds):
-                order = list(variants(name).items())
-                for v, make in order if r % 2 == 0 else order[::-1]:  # no variant always first
+                for v, make in round_order(list(variants(name).items()), r):  # no variant always first
                     results[v].append(first_step(make, params, grads))
             med = {v: {ph: median([r[ph] for r in rs]) for ph in (*PHASES, "total")} for v, rs in results.items()}
             records.append({"tree": label, "optimizer": name, "median": med, "rounds": results})
