@@ -127,18 +127,24 @@ def calibrate(run: Callable[[int], None], target_s: float, max_number: int = 10_
     return int(min(max_number, max(1, round(target_s / once))))
 
 
-def round_order(items: list, i: int) -> list:
-    """The order of round ``i``: ``items`` rotated by ``i``.
+def round_orders(items: list, rounds: int, seed: int = 0) -> list[list]:
+    """The order of each of ``rounds`` rounds: a random permutation of ``items`` per round.
 
-    Each item comes first in turn, and no item ever runs twice in a row. An
-    order reversed every other round, which this replaced, ran the first and
-    the last item twice in a row across every round boundary, with their data
-    still in the caches: on a 10M-array momentum step the item listed first
-    (the baseline, optax) came out about 3% faster than identical copies of
-    itself listed in the middle (docs/benchmarks.md, section 4).
+    Seeded, so a run can be repeated. No item runs twice in a row across a
+    round boundary, and an item's predecessor changes from round to round. The orders used
+    before did one of these each: reversing the order every other round ran
+    the first and the last item twice in a row, with their data still in the
+    caches, and rotating it gave each item a fixed predecessor whose leftovers
+    it always inherited.
     """
-    k = i % len(items) if items else 0
-    return items[k:] + items[:k]
+    rng = np.random.default_rng(seed)
+    orders: list[list] = []
+    for _ in range(rounds):
+        order = [items[j] for j in rng.permutation(len(items))]
+        if orders and len(items) > 1 and order[0] == orders[-1][-1]:
+            order.append(order.pop(0))  # keep the last item of the round before from running again at once
+        orders.append(order)
+    return orders
 
 
 def interleaved(
@@ -146,16 +152,18 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each runner, one value per round, rounds interleaved across runners.
 
-    Rounds rotate the order (`round_order`), so no runner always comes first
-    after a pause or runs back to back with itself.
+    Each round draws its order (`round_orders`), so no runner always comes
+    first after a pause, follows the same neighbour, or runs back to back with
+    itself.
     """
     if isinstance(number, int):
         number = {k: number for k in runners}
     for name, run in runners.items():
         run(warmup)
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for i in range(rounds):
-        for name, run in round_order(list(runners.items()), i):
+    for order in round_orders(list(runners), rounds):
+        for name in order:
+            run = runners[name]
             t0 = time.perf_counter()
             run(number[name])
             times[name].append((time.perf_counter() - t0) / number[name])

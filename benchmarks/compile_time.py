@@ -45,7 +45,7 @@ from _common import (
     fmt_time,
     median,
     paired_ratio,
-    round_order,
+    round_orders,
     table,
 )
 from update_step import OPTIMIZERS, array_tree, model_params, optax_optimizer, small_sizes
@@ -119,9 +119,10 @@ def main(argv=None) -> dict:
             # and JAX's one-time caches for its code, which would favour whoever comes later.
             for make in variants(name).values():
                 first_step(make, params, grads)
-            for r in range(rounds):
-                for v, make in round_order(list(variants(name).items()), r):  # no variant always first
-                    results[v].append(first_step(make, params, grads))
+            makers = variants(name)
+            for order in round_orders(list(makers), rounds):  # no variant always first or after the same one
+                for v in order:
+                    results[v].append(first_step(makers[v], params, grads))
             med = {v: {ph: median([r[ph] for r in rs]) for ph in (*PHASES, "total")} for v, rs in results.items()}
             records.append({"tree": label, "optimizer": name, "median": med, "rounds": results})
             row = [name]

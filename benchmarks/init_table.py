@@ -17,8 +17,8 @@ Seven kernel initialisations x the MNIST ConvNet (SGD lr 0.05, batch 128,
     (``torch.nn`` ConvNet, ``torch.optim.SGD``, eager, CPU) with PyTorch's
     default thread count / with one thread. Skipped when torch is absent.
 
-Each round runs every contender once, in an order that rotates from round to
-round, and reports its wall time and its time relative to the sweep *in the
+Each round runs every contender once, in an order drawn anew for each round
+(`_common.round_orders`), and reports its wall time and its time relative to the sweep *in the
 same round* (so a change in the load of a shared machine hits all of them
 alike), with the 1-minute load average before and after. Each contender's
 per-epoch times are recorded, so runs of fewer epochs can be extrapolated to
@@ -344,8 +344,7 @@ def main(argv=None) -> dict:
     }
     env = C.environment()
     records = {c: [] for c in contenders}
-    for r in range(args.rounds):
-        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+    for r, order in enumerate(C.round_orders(contenders, args.rounds)):
         for c in order:
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()

@@ -157,9 +157,9 @@ def formulations(args, C) -> dict:
         runners[f"{name}, jit step per batch"] = step_run
     times = {k: [] for k in runners}
     loads = []
-    for r in range(args.rounds):
+    for order in C.round_orders(list(runners), args.rounds):
         loads.append(os.getloadavg()[0])
-        for k in list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]:
+        for k in order:
             t0 = time.perf_counter()
             runners[k]()
             times[k].append(time.perf_counter() - t0)
@@ -219,8 +219,7 @@ def main(argv=None) -> dict:
                 runners[v], compiled[v], steps = build(model, m, v[0], args.steps, devices, args.chunk_size)
             load_before = os.getloadavg()[0]
             times = {v: [] for v in variants}
-            for r in range(args.rounds):
-                order = variants[r % len(variants):] + variants[: r % len(variants)]
+            for order in C.round_orders(variants, args.rounds):
                 for v in order:
                     t0 = time.perf_counter()
                     runners[v]()
