@@ -131,11 +131,11 @@ def round_orders(items: list, rounds: int, seed: int = 0) -> list[list]:
     """The order of each of ``rounds`` rounds: a random permutation of ``items`` per round.
 
     Seeded, so a run can be repeated. No item runs twice in a row across a
-    round boundary, and an item's predecessor changes from round to round. The orders used
-    before did one of these each: reversing the order every other round ran
-    the first and the last item twice in a row, with their data still in the
-    caches, and rotating it gave each item a fixed predecessor whose leftovers
-    it always inherited.
+    round boundary, and an item's predecessor varies from round to round. The
+    orders used before got one of the two right each: reversing the order
+    every other round ran the first and the last item twice in a row, with
+    their data still in the caches, and rotating it gave each item a fixed
+    predecessor whose leftovers it always inherited.
     """
     rng = np.random.default_rng(seed)
     orders: list[list] = []

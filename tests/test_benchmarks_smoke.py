@@ -94,3 +94,15 @@ def test_runs_summary_names_a_file_that_is_not_an_update_step_run(bench, tmp_pat
     bad.write_text('{"tables": []}')
     with pytest.raises(SystemExit, match="bad.json: not the --json output of update_step.py"):
         bench("runs_summary").main([str(bad)])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_round_orders_are_seeded_permutations_without_back_to_back_repeats(bench, n):
+    common = bench("_common")
+    items = [f"c{i}" for i in range(n)]
+    orders = common.round_orders(items, 40)
+    assert orders == common.round_orders(items, 40)  # seeded: a run can be repeated
+    assert all(sorted(o) == items for o in orders)
+    if n > 1:
+        assert all(a[-1] != b[0] for a, b in zip(orders, orders[1:]))
+        assert len({o[0] for o in orders}) == n  # every item comes first at some point
