@@ -105,4 +105,5 @@ def test_round_orders_are_seeded_permutations_without_back_to_back_repeats(bench
     assert all(sorted(o) == items for o in orders)
     if n > 1:
         assert all(a[-1] != b[0] for a, b in zip(orders, orders[1:]))
-        assert len({o[0] for o in orders}) == n  # every item comes first at some point
+    if n > 2:  # two items without repeats can only alternate; more must take turns first
+        assert len({o[0] for o in orders}) == n
