@@ -135,7 +135,8 @@ def round_orders(items: list, rounds: int, seed: int = 0) -> list[list]:
     orders used before got one of the two right each: reversing the order
     every other round ran the first and the last item twice in a row, with
     their data still in the caches, and rotating it gave each item a fixed
-    predecessor whose leftovers it always inherited.
+    predecessor whose leftovers it always inherited. Two items can only
+    alternate (A B A B ...): the rule leaves them one order.
     """
     rng = np.random.default_rng(seed)
     orders: list[list] = []
