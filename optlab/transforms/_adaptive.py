@@ -27,7 +27,6 @@ def _map(fn, *trees):
     return jax.tree_util.tree_map(fn, *trees)
 
 
-
 def _square(g, slot):
     # g^2 in the wider of the gradient's and the state's dtypes: with float32 state
     # for bfloat16 parameters the square is taken in float32, not rounded to bfloat16.
