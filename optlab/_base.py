@@ -194,6 +194,17 @@ def leaf_scalars(tree, **scalars):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def tree_copy(tree):
+    """Every array leaf of ``tree`` copied into a buffer of its own.
+
+    An ``init`` must hand out state that a jitted step may donate: a leaf that
+    is also held elsewhere (in the transform's closure, in the caller's
+    hands, or twice in the same state) would be freed under its other owner,
+    or donated twice, which XLA rejects.
+    """
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def tree_zeros_like(tree, dtype=None):
     return jax.tree_util.tree_map(lambda x: jnp.zeros_like(x, dtype=dtype), tree)
 

@@ -31,6 +31,7 @@ from optlab._base import (
     GradientTransformationExtraArgs,
     check_same_structure,
     safe_increment,
+    tree_copy,
     step_counter,
     with_extra_args_support,
 )
@@ -117,10 +118,13 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         return with_extra_args_support(build(**kwargs))
 
     def init_fn(params):
+        # Copies: the closure keeps `numeric` and `scheduled` for the next init, and a
+        # jitted step that donates this state would otherwise free them.
         count = step_counter(bool(scheduled))
-        vals = values_at(count, numeric, scheduled)
+        schedules = tree_copy(scheduled)
+        vals = values_at(count, tree_copy(numeric), schedules)
         inner = make(vals)
-        return HyperparamsState(count, vals, dict(scheduled), inner.init(params))
+        return HyperparamsState(count, vals, schedules, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         # Fail with both structures shown, not deep inside a tree_map of some block.
@@ -250,7 +254,8 @@ def _replace(s: HyperparamsState, values: dict) -> HyperparamsState:
                 )
             if jax.tree_util.tree_structure(v) != jax.tree_util.tree_structure(sch[k]):
                 raise ValueError(f"the new schedule for `{k}` ({v!r}) has a different structure from {sch[k]!r}")
-            sch[k] = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), v, sch[k])
+            # Copies (here and below): the caller's arrays must survive a step that donates the state.
+            sch[k] = jax.tree_util.tree_map(lambda new, old: jnp.array(new, old.dtype, copy=True), v, sch[k])
             hp[k] = jnp.asarray(sch[k](jnp.maximum(s.count - 1, 0)), jnp.float32)
         elif k in hp:
             if isinstance(v, Schedule) or callable(v):
@@ -261,5 +266,5 @@ def _replace(s: HyperparamsState, values: dict) -> HyperparamsState:
                 new = jnp.broadcast_to(new.astype(old.dtype), old.shape)
             except ValueError as e:
                 raise ValueError(f"`{k}` has shape {old.shape}; cannot set it to a value of shape {new.shape}") from e
-            hp[k] = new
+            hp[k] = jnp.array(new, copy=True)
     return s._replace(hyperparams=hp, schedules=sch)

@@ -364,14 +364,13 @@ def _lbfgs_core(learning_rate, memory_size, line_search, tolerance_grad, toleran
         flat, _ = ravel_pytree(params)
         dtype = _flat_dtype(flat)
         n = flat.size
-        zeros = jnp.zeros((n,), dtype)
-        scalar = jnp.zeros((), dtype)
+        # No buffer twice in the state: a step that donates it would fail.
         return LbfgsState(
             count=jnp.zeros([], count_dtype()),
             done=jnp.asarray(False),
-            direction=zeros,
-            step_size=scalar,
-            prev_grad=zeros,
+            direction=jnp.zeros((n,), dtype),
+            step_size=jnp.zeros((), dtype),
+            prev_grad=jnp.zeros((n,), dtype),
             prev_value=jnp.full((), jnp.nan, dtype),
             s_history=jnp.zeros((memory_size, n), dtype),
             y_history=jnp.zeros((memory_size, n), dtype),

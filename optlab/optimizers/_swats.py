@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
-from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, tree_vdot
+from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, step_counter, tree_vdot, tree_zeros_like
 from optlab._hparams import with_hyperparams
 
 
@@ -57,9 +57,10 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
-        z = lambda: _map(jnp.zeros_like, params)  # noqa: E731
-        f0 = jnp.zeros([], jnp.float32)
-        return SwatsState(jnp.zeros([], count_dtype()), z(), z(), z(), f0, jnp.asarray(False), jnp.zeros([], count_dtype()), f0)
+        # Fresh buffers for every field: a step that donates the state must not see one twice.
+        z = lambda: tree_zeros_like(params)  # noqa: E731
+        f0 = lambda: jnp.zeros([], jnp.float32)  # noqa: E731
+        return SwatsState(step_counter(), z(), z(), z(), f0(), jnp.asarray(False), step_counter(), f0())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra

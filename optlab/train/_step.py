@@ -55,10 +55,11 @@ def init_state(model: nnx.Module, tx, seed: int | jax.Array) -> tuple[Any, Train
     tx = with_extra_args_support(tx)
     rng = jax.random.PRNGKey(seed)
     state = TrainState(jnp.zeros([], jnp.int32), params, rest, tx.init(params), rng)
-    # An optimizer's init may put one array in several places (several zero counters) or
-    # hand out arrays its closure keeps (hyperparameter values, schedule parameters). A jit
-    # that donates the state would then donate a buffer twice, or free one the optimizer
-    # still needs; so the state gets its own copy of every leaf.
+    # optlab's transforms hand out buffers of their own (tests/test_donation.py), but an optax
+    # or hand-written one may put one array in several places or hand out arrays its closure
+    # keeps (optax.inject_hyperparams stores the caller's hyperparameter arrays). A jit that
+    # donates the state would then donate a buffer twice, or free one still needed elsewhere;
+    # so the state gets its own copy of every leaf.
     return graphdef, jax.tree_util.tree_map(lambda x: x.copy(), state)
 
 

@@ -64,9 +64,10 @@ def reduce_on_plateau(
 
     def init_fn(params):
         del params
-        z = jnp.zeros([], count_dtype())
+        # Three distinct counters: a step that donates the state must not see one buffer twice.
+        z = lambda: jnp.zeros([], count_dtype())  # noqa: E731
         best = jnp.asarray(jnp.inf if mode == "min" else -jnp.inf, jnp.float32)
-        return PlateauState(z, jnp.ones([], jnp.float32), best, z, z, jnp.zeros([], jnp.float32))
+        return PlateauState(z(), jnp.ones([], jnp.float32), best, z(), z(), jnp.zeros([], jnp.float32))
 
     def evaluate(state: PlateauState, value):
         better = is_better(value, state.best)
