@@ -74,7 +74,9 @@ def environment() -> dict:
         "flax": _version("flax"),
         "numpy": np.__version__,
         "torch": _version("torch"),
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        # The model too on an accelerator ("gpu x1 (NVIDIA H100 80GB HBM3)"): the bandwidth depends on it.
+        "device": f"{jax.devices()[0].platform} x{jax.device_count()}"
+        + ("" if jax.default_backend() == "cpu" else f" ({jax.devices()[0].device_kind})"),
         "cpu": cpu_name(),
         "nproc": os.cpu_count(),
         "load_average": tuple(round(x, 2) for x in load),
@@ -100,6 +102,19 @@ def describe_environment(env: dict) -> str:
 def copy_tree(tree):
     """A private copy of every leaf, so a donated call never frees an array someone else holds."""
     return jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), tree)
+
+
+def torch_device() -> str | None:
+    """Where PyTorch runs against JAX: ``"cuda"`` when JAX runs on a GPU and torch sees one,
+    ``"cpu"`` when JAX runs on the CPU, None (no torch columns) otherwise or without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
 
 
 def threaded_runner(step: Callable, carry, *args) -> Callable[[int], None]:

@@ -1,4 +1,4 @@
-"""Training steps per second: optlab.train against a hand-written Flax + optax loop and PyTorch eager, on the CPU.
+"""Training steps per second: optlab.train against a hand-written Flax + optax loop and PyTorch eager.
 
 Two of the lectures' models, with the optimizers of their configs:
 
@@ -19,7 +19,8 @@ Candidates, one process:
   with its defaults, ``zero_grad/forward/backward/step``; timed in a phase of
   its own (its OpenMP threads and XLA's thread pool compete when interleaved),
   with 1 intra-op thread and with one per core (the faster one is the
-  reference of the "vs torch" column).
+  reference of the "vs torch" column); when JAX runs on a GPU and torch sees
+  CUDA, once, on the GPU.
 
 The batch is synthetic (fixed random uint8 images and labels already on the
 device; scaled by 1/255 inside the step), without augmentation, so the data
@@ -66,6 +67,7 @@ from _common import (
     spread_pct,
     table,
     threaded_runner,
+    torch_device,
 )
 
 
@@ -190,19 +192,21 @@ def flax_optax_runner(work, images, labels):
     return threaded_runner(step, copy_tree((params, rest, opt_state)), images, labels)
 
 
-def torch_runner(work, images, labels):
+def torch_runner(work, images, labels, device: str = "cpu"):
     try:
         import torch
     except ImportError:
         return None
     kind, cls, kwargs, *rest = work["torch"]
     torch.manual_seed(0)
-    model = torch_model(kind, *rest)
+    model = torch_model(kind, *rest).to(device)
     model.train()
     opt = getattr(torch.optim, cls)(model.parameters(), **kwargs)
-    x_u8 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(np.array(labels)).long()
+    x_u8 = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(np.array(labels)).long().to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
+    # CUDA kernels run asynchronously: a block of steps is timed to its end, as JAX's is.
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -210,21 +214,26 @@ def torch_runner(work, images, labels):
             loss = loss_fn(model(x_u8.float() / 255.0), y)
             loss.backward()
             opt.step()
+        sync()
 
     return run
 
 
 def time_torch(work, images, labels, rounds, target_s) -> dict:
-    """PyTorch with one intra-op thread and with one per core, each in its own phase.
+    """PyTorch with one intra-op thread and with one per core, each in its own phase (on the GPU
+    when JAX runs on one: `torch_device`).
 
     On a machine shared with other jobs, OpenMP's barriers can make the multi-threaded
     run far slower than the single-threaded one; both are reported and the faster is
     the reference of the "vs torch" column.
     """
-    try:
-        import torch
-    except ImportError:
+    device = torch_device()
+    if device is None:
         return {}
+    if device == "cuda":
+        return {"torch eager (cuda)": timed({"t": torch_runner(work, images, labels, device)}, rounds, target_s)["t"]}
+    import torch
+
     before, out = torch.get_num_threads(), {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
@@ -291,7 +300,8 @@ def main(argv=None) -> dict:
             )
         records.append(rec)
     title = (
-        f"Training steps per second on the CPU (synthetic fixed batch, no augmentation), median of {rounds} rounds; "
+        f"Training steps per second on the {jax.default_backend().upper()} (synthetic fixed batch, no augmentation), "
+        f"median of {rounds} rounds; "
         "speed ratios > 1 mean faster than the reference; every JAX step ran once under "
         'jax.transfer_guard("disallow")'
     )

@@ -23,10 +23,12 @@ it times, interleaved in one process (see ``_common.py``):
 * ``flat-resident``: the optlab optimizer on parameters that are *kept* packed
   between steps (``FlatLayout.pack`` once, every leaf; a model would unpack
   them where it reads them), so the step itself touches only the buffers;
-* ``torch foreach`` / ``torch fused``: ``torch.optim`` on the CPU, same shapes,
+* ``torch foreach`` / ``torch fused``: ``torch.optim``, same shapes,
   ``foreach=True`` and, where the class has it, ``fused=True`` (skipped when
-  torch is not installed), timed in a phase of their own with 1 and with
-  one-per-core intra-op threads, the faster kept (``1t``/``2t`` in the cell).
+  torch is not installed), timed in a phase of their own. On the CPU with 1
+  and with one-per-core intra-op threads, the faster kept (``1t``/``2t`` in the
+  cell); when JAX runs on a GPU and torch sees CUDA, on the GPU (``cuda`` in
+  the cell), each block of steps ended by ``torch.cuda.synchronize()``.
 
 Reported: time per step, the ratio to optax (median of per-round ratios; below
 1 is faster), and the effective bandwidth: bytes that must move per parameter
@@ -70,6 +72,7 @@ from _common import (
     spread_pct,
     table,
     threaded_runner,
+    torch_device,
 )
 
 LR = 1e-3
@@ -172,29 +175,33 @@ def jax_runner(tx, params, grads):
     return threaded_runner(lambda p, s, g: step(p, s, g), (p, s), grads)
 
 
-def torch_runner(cls_name: str, kwargs: dict, params, grads, mode: str, threads: int):
-    """``run(n)`` of ``torch.optim.<cls>(..., foreach=True | fused=True)``, or None where torch lacks it."""
+def torch_runner(cls_name: str, kwargs: dict, params, grads, mode: str, threads: int, device: str = "cpu"):
+    """``run(n)`` of ``torch.optim.<cls>(..., foreach=True | fused=True)`` on ``device``, or None where torch lacks it."""
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(threads)
+    if device == "cpu":
+        torch.set_num_threads(threads)
     cls = getattr(torch.optim, cls_name)
     ts = []
     for p, g in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(grads)):
-        t = torch.tensor(np.asarray(p), requires_grad=True)
-        t.grad = torch.tensor(np.asarray(g))
+        t = torch.tensor(np.asarray(p), device=device, requires_grad=True)
+        t.grad = torch.tensor(np.asarray(g), device=device)
         ts.append(t)
     try:
         opt = cls(ts, **kwargs, **{mode: True})
         opt.step()
     except (RuntimeError, TypeError, ValueError):
         return None
+    # CUDA kernels run asynchronously: a block of steps is timed to its end, as JAX's is.
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run(n: int) -> None:
         with torch.no_grad():
             for _ in range(n):
                 opt.step()
+        sync()
 
     return run
 
@@ -207,7 +214,8 @@ def timed(runners: dict, rounds: int, target_s: float) -> dict:
     return interleaved(runners, rounds, number, warmup=1)
 
 
-def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, with_torch=True, variants=VARIANTS):
+def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, torch_on=None, variants=VARIANTS):
+    """One table for one tree; ``torch_on`` is the device of the PyTorch columns (None: no PyTorch)."""
     grads = jax.tree_util.tree_map(lambda x: 1e-2 * jnp.sin(x + 1.0), params)
     # Resident parameters are packed once, so there is no reason to leave large leaves out.
     layout = FlatLayout(params, max_packed_size=2**31 - 1)
@@ -230,16 +238,17 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
             rec[k] = {"median": median(ts), "spread": spread_pct(ts), "times": ts}
             if k != "optax":
                 rec[k]["ratio_to_optax"] = paired_ratio(ts, times["optax"])
-        if with_torch:
+        if torch_on is not None:
             # PyTorch is timed in a phase of its own: its OpenMP threads and XLA's thread
             # pool both spin after their work, and on a few cores interleaving them slows
             # both. Its ratio to optax is therefore unpaired (median over median).
-            # Both 1 and one-per-core intra-op threads are timed and the faster kept: on a
-            # shared machine OpenMP's barriers can make the multi-threaded run much slower.
+            # On the CPU, both 1 and one-per-core intra-op threads are timed and the faster kept:
+            # on a shared machine OpenMP's barriers can make the multi-threaded run much slower.
+            thread_counts = sorted({1, os.cpu_count() or 1}) if torch_on == "cpu" else [0]
             for mode in ("foreach", "fused"):
                 best = None
-                for threads in sorted({1, os.cpu_count() or 1}):
-                    run = torch_runner(torch_cls, torch_kwargs, params, grads, mode, threads)
+                for threads in thread_counts:
+                    run = torch_runner(torch_cls, torch_kwargs, params, grads, mode, threads, torch_on)
                     if run is None:
                         continue
                     ts = timed({"t": run}, rounds, target_s)["t"]
@@ -248,7 +257,9 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
                 if best is not None:
                     threads, ts = best
                     k = f"torch {mode}"
-                    rec[k] = {"median": median(ts), "spread": spread_pct(ts), "times": ts, "threads": threads}
+                    rec[k] = {"median": median(ts), "spread": spread_pct(ts), "times": ts, "device": torch_on}
+                    if torch_on == "cpu":
+                        rec[k]["threads"] = threads
                     rec[k]["ratio_to_optax"] = (rec[k]["median"] / rec["optax"]["median"], None)
         records.append(rec)
         ours = [k for k in ("optlab", "flat", "flat-resident") if k in rec]
@@ -259,7 +270,7 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
             if k not in rec:
                 return "n/a"
             r, s = rec[k]["ratio_to_optax"]
-            threads = f", {rec[k]['threads']}t" if "threads" in rec[k] else ""
+            threads = f", {rec[k]['threads']}t" if "threads" in rec[k] else (f", {rec[k]['device']}" if "device" in rec[k] else "")
             return f"{fmt_time(rec[k]['median'])} ({fmt_ratio(r, s)}{threads})"
 
         rows.append(
@@ -290,6 +301,21 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, wit
     ]
     title = f"{tree_name}: {n_leaves} arrays, {n_params:,} float32 parameters, median of {rounds} interleaved rounds"
     return table(headers, rows, title), records
+
+
+def adam_summary(records: list[dict], roof_gbps: float) -> str:
+    """Adam on each tree against the issue's GPU targets: share of the measured roofline, and
+    the ratio to ``torch.optim.Adam(fused=True)`` (below 1: optlab is faster)."""
+    lines = ["Adam per tree (targets on a GPU: >= 80% of the roofline on 10M+ parameters, ahead of torch fused):"]
+    for rec in records:
+        if rec["optimizer"] != "adam" or "optlab" not in rec:
+            continue
+        t = rec["optlab"]["median"]
+        pct = 100 * rec["bytes"] / t / 1e9 / roof_gbps
+        fused = rec.get("torch fused")
+        vs = f"{t / fused['median']:.2f}x torch fused ({fused['device']})" if fused else "torch fused not timed"
+        lines.append(f"- {rec['tree']}: optlab {fmt_time(t)}, {pct:.0f}% of the roofline, {vs}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -324,13 +350,15 @@ def main(argv=None) -> dict:
         f"Bandwidth measured in this process: in-place axpy {roof:.1f} GB/s (the roofline below), "
         f"triad {bw['triad']['gbps']:.1f} GB/s, copy {bw['copy']['gbps']:.1f} GB/s."
     ]
+    torch_on = None if args.no_torch else torch_device()
+    if not args.no_torch and torch_on is None:
+        tables.append(f"No PyTorch columns: torch is not installed, or cannot run on JAX's {jax.default_backend()}.")
     records = []
     for name in names:
-        t, recs = measure_tree(
-            name, all_trees[name](), optimizers, rounds, target_s, roof, with_torch=not args.no_torch, variants=variants
-        )
+        t, recs = measure_tree(name, all_trees[name](), optimizers, rounds, target_s, roof, torch_on, variants)
         tables.append(t)
         records += recs
+    tables.append(adam_summary(records, roof))
     return emit({"environment": environment(), "bandwidth": bw, "records": records, "tables": tables}, args.json)
 
 

@@ -67,6 +67,16 @@ def test_benchmark_quick_mode_prints_its_table(bench, capsys, module, argv, expe
         assert all(x >= 0 for c in values for x in numbers(c)), row
 
 
+def test_update_step_ends_with_adam_against_the_gpu_targets(bench):
+    argv = ["--quick", "--trees", "10 x 6.5k,50 small (20k)", "--optimizers", "adam", "--no-torch", "--rounds", "1"]
+    summary = bench("update_step").main(argv)["tables"][-1].splitlines()
+    assert summary[0].startswith("Adam per tree")
+    assert [line.split(":")[0] for line in summary[1:]] == ["- 10 x 6.5k", "- 50 small (20k)"]
+    for line in summary[1:]:
+        percent = re.search(r"(\d+)% of the roofline, torch fused not timed$", line)
+        assert percent and int(percent.group(1)) > 0, line
+
+
 def test_update_step_rejects_an_unknown_optimizer(bench):
     with pytest.raises(SystemExit):
         bench("update_step").main(["--quick", "--optimizers", "adamax"])
