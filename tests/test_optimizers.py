@@ -277,7 +277,7 @@ def test_mu_dtype_keeps_float32_moments_for_bfloat16_params(make):
     np.testing.assert_allclose(np.asarray(adam_state.nu["w"]), nu, rtol=2e-5, atol=1e-9)
 
 
-# Optimizers whose per-parameter state depends on the gradients alone (no coupled weight
+# Transforms whose per-parameter state depends on the gradients alone (no coupled weight
 # decay), and the name of their state-dtype argument.
 STATE_DTYPE = [
     ("sgd-momentum", "accumulator_dtype", lambda **dtype: optlab.sgd(0.1, momentum=0.9, **dtype)),
@@ -292,6 +292,8 @@ STATE_DTYPE = [
     ("adadelta", "accumulator_dtype", lambda **dtype: optlab.adadelta(**dtype)),
     ("adam", "mu_dtype", lambda **dtype: optlab.adam(1e-2, **dtype)),
     ("adamw", "mu_dtype", lambda **dtype: optlab.adamw(1e-2, **dtype)),
+    # 60 steps of 7: the state ends holding a sum of 4 gradients.
+    ("accumulate_gradients", "accumulator_dtype", lambda **dtype: optlab.accumulate_gradients(optlab.identity(), 7, **dtype)),
 ]
 
 

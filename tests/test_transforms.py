@@ -266,6 +266,30 @@ def test_accumulate_gradients_with_bfloat16_params(make):
     assert params["w"].dtype == jnp.bfloat16 and np.all(np.asarray(params["w"], np.float32) < 1.0)
 
 
+def test_accumulate_gradients_float32_sum_for_bfloat16_params():
+    """k bfloat16 gradients whose exact sum needs more bits than bfloat16 has: a float32 sum
+    gives the exact mean rounded once (checked against NumPy in float64); a bfloat16 sum
+    rounds every partial sum and lands elsewhere (the control, so the test can fail)."""
+    k = 8
+    # 1 + i/128 are bfloat16 numbers (7 stored mantissa bits); their running sums (8 to 16)
+    # are not, so a bfloat16 sum rounds at every step.
+    grads = [jnp.full(3, 1 + i / 128, jnp.bfloat16) for i in range(k)]
+    exact_mean = np.mean([1 + i / 128 for i in range(k)])
+
+    def mean_fed_to_inner(accumulator_dtype):
+        tx = optlab.accumulate_gradients(optlab.identity(), k, accumulator_dtype=accumulator_dtype)
+        params = {"w": jnp.zeros(3, jnp.bfloat16)}
+        state = tx.init(params)
+        for g in grads:
+            u, state = tx.update({"w": g}, state, params)
+        assert state.grad_sum["w"].dtype == jnp.dtype(accumulator_dtype or jnp.bfloat16)
+        assert u["w"].dtype == jnp.bfloat16
+        return float(u["w"][0])
+
+    assert mean_fed_to_inner("float32") == float(jnp.asarray(exact_mean, jnp.bfloat16))
+    assert mean_fed_to_inner(None) != float(jnp.asarray(exact_mean, jnp.bfloat16))
+
+
 # --- ema_params ----------------------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ from optlab._base import (
     all_finite,
     count_dtype,
     safe_increment,
+    step_counter,
+    tree_zeros_like,
     with_extra_args_support,
 )
 
@@ -83,31 +85,45 @@ class AccumulateState(NamedTuple):
     inner_state: Any
 
 
-def accumulate_gradients(inner, every_k: int) -> GradientTransformationExtraArgs:
+def accumulate_gradients(inner, every_k: int, *, accumulator_dtype=None) -> GradientTransformationExtraArgs:
     """Average gradients over ``every_k`` calls, then apply ``inner`` once.
 
+    .. math:: \\bar g = \\frac{1}{k} \\sum_{i=1}^{k} g_i
+
     Calls 1..k-1 of each group emit zero updates and leave ``inner``'s state
-    alone; call k feeds the mean gradient to ``inner``. With a batch split in
-    k micro-batches this equals one step on the full batch (for a loss that is
-    a mean over examples). ``every_k=1`` is ``inner`` itself.
+    alone; call k feeds the mean gradient, in the gradients' dtype, to
+    ``inner``. With a batch split in k micro-batches this equals one step on
+    the full batch (for a loss that is a mean over examples). ``every_k=1`` is
+    ``inner`` itself. The running sum takes the parameters' dtype unless
+    ``accumulator_dtype`` says otherwise: with bfloat16 parameters, a float32
+    sum keeps the small gradients that a bfloat16 sum rounds away, and the
+    mean is rounded to bfloat16 once. (optax: ``optax.MultiSteps``.)
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.accumulate_gradients(optlab.sgd(0.1), every_k=4, accumulator_dtype="float32")
+      >>> state = tx.init({"w": jnp.ones(2, jnp.bfloat16)})
+      >>> state.grad_sum["w"].dtype
+      dtype('float32')
     """
     _checks.check_int("every_k", every_k, minimum=1)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
     inner = with_extra_args_support(inner)
 
     def init_fn(params):
-        return AccumulateState(jnp.zeros([], count_dtype()), _map(jnp.zeros_like, params), inner.init(params))
+        return AccumulateState(step_counter(), tree_zeros_like(params, accumulator_dtype), inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
-        total = _map(lambda s, g: s + g, state.grad_sum, updates)
+        total = _map(lambda s, g: (s + g).astype(s.dtype), state.grad_sum, updates)
         last = (state.count % every_k) == every_k - 1
 
         def apply(_):
-            mean = _map(lambda s: s / every_k, total)
+            mean = _map(lambda s, g: (s / every_k).astype(g.dtype), total, updates)
             u, s = inner.update(mean, state.inner_state, params, **extra)
-            return u, s, _map(jnp.zeros_like, total)
+            return u, s, tree_zeros_like(total)
 
         def hold(_):
-            return _map(jnp.zeros_like, updates), state.inner_state, total
+            return tree_zeros_like(updates), state.inner_state, total
 
         u, s, acc = jax.lax.cond(last, apply, hold, None)
         return u, AccumulateState(safe_increment(state.count), acc, s)
