@@ -79,7 +79,15 @@ def with_extra_args_support(tx) -> GradientTransformationExtraArgs:
 
 
 def identity() -> GradientTransformationExtraArgs:
-    """The transform that leaves updates unchanged (a neutral element of `chain`)."""
+    """The transform that leaves updates unchanged (a neutral element of `chain`).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.identity()
+      >>> updates, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init(None))
+      >>> updates["w"].tolist()
+      [1.0, -2.0]
+    """
 
     def init_fn(params):
         del params
@@ -105,6 +113,8 @@ def chain(*transforms) -> GradientTransformationExtraArgs:
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+      >>> round(float(updates["w"][0]), 4)  # -0.1 * 1 / sqrt(3): clipped to norm 1, then scaled
+      -0.0577
     """
     if not all(hasattr(t, "init") and hasattr(t, "update") for t in transforms):
         bad = [t for t in transforms if not (hasattr(t, "init") and hasattr(t, "update"))]
@@ -144,6 +154,13 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     The sum is computed in the wider of the two dtypes and cast back, so
     bfloat16 parameters stay bfloat16 even when the optimizer works in float32.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
+      >>> new = optlab.apply_updates(params, {"w": jnp.full(2, 0.5, jnp.float32)})
+      >>> str(new["w"].dtype), new["w"].astype(jnp.float32).tolist()
+      ('bfloat16', [1.5, 1.5])
     """
     check_same_structure(updates, params)
 
@@ -222,7 +239,13 @@ def tree_vdot(a, b) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-    """sqrt(sum of squares over all leaves), in float32."""
+    """sqrt(sum of squares over all leaves), in float32.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> float(optlab.global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
+      5.0
+    """
     return jnp.sqrt(tree_vdot(tree, tree))
 
 

@@ -170,6 +170,17 @@ def hyperparams(state) -> dict:
     For one optimizer: ``{"learning_rate": Array(...), "momentum": ...}``, the
     learning rate as scheduled at the last step taken. When the state holds
     several optimizers (parameter groups), a dict keyed by group label.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adam(optlab.schedules.exponential(0.1, gamma=0.5))
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = opt.init(params)
+      >>> for _ in range(2):
+      ...     _, state = opt.update({"w": jnp.ones(2)}, state, params)
+      >>> hp = optlab.hyperparams(state)
+      >>> sorted(hp), round(float(hp["learning_rate"]), 4)  # the rate of the last step, t = 1
+      (['b1', 'b2', 'eps', 'learning_rate'], 0.05)
     """
     found = _find(state)
     if not found:
@@ -206,6 +217,8 @@ def set_hyperparams(state, group: str | None = None, **values):
       >>> opt = optlab.sgd(0.1, momentum=0.9)
       >>> state = opt.init({"w": jnp.ones(2)})
       >>> state = optlab.set_hyperparams(state, learning_rate=0.05)
+      >>> round(float(optlab.hyperparams(state)["learning_rate"]), 4)
+      0.05
     """
     if not values:
         return state

@@ -63,6 +63,8 @@ def sgd(
       >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
       >>> updates, state = opt.update(grads, state, params)
       >>> params = optlab.apply_updates(params, updates)
+      >>> [round(w, 4) for w in params["w"].tolist()]  # w - 0.1 * 2w (the buffer starts as g)
+      [0.8, -1.6]
     """
     _check_lr(learning_rate)
     _checks.check_range("momentum", momentum, 0.0, 1.0)
@@ -107,6 +109,16 @@ def classical_momentum(
     ``-v / lr``); they differ when the learning rate changes during training.
     ``accumulator_dtype`` sets the velocity's dtype (float32 for bfloat16
     parameters).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.classical_momentum(0.1, momentum=0.9)
+      >>> params = {"w": jnp.zeros(1)}
+      >>> state = opt.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = opt.update({"w": jnp.ones(1)}, state, params)
+      >>> round(float(updates["w"][0]), 4)  # v_2 = 0.9 * (-0.1) - 0.1
+      -0.19
     """
     _check_lr(learning_rate)
     _checks.check_probability("momentum", momentum)
@@ -130,6 +142,14 @@ def nesterov_momentum(
     `optlab.transforms.scale_by_nesterov_momentum` for the derivation.
     ``accumulator_dtype`` sets the velocity's dtype (float32 for bfloat16
     parameters).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.nesterov_momentum(0.1, momentum=0.9)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([1.0, -2.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # (1 + mu) * v_1, v_1 = -lr * g
+      [-0.19, 0.38]
     """
     _check_lr(learning_rate)
     _checks.check_probability("momentum", momentum)
@@ -159,6 +179,14 @@ def adagrad(
     ``accumulator_dtype`` sets the dtype of :math:`s` (float32 for bfloat16
     parameters: a sum of squares kept in bfloat16 stops growing once it is
     256 times the size of a new term).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adagrad(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # first step: -lr * g / |g|
+      [-0.1, 0.1]
     """
     _check_lr(learning_rate)
     _checks.check_nonnegative("lr_decay", lr_decay)
@@ -214,6 +242,14 @@ def rmsprop(
     buffer (float32 for bfloat16 parameters); the buffer then sums directions
     rounded to the parameters' dtype, as every block of a chain emits its
     update in the dtype of the gradient it was given.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.rmsprop(0.01, alpha=0.99)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # g / sqrt((1 - alpha) g^2) = 10 sign(g)
+      [-0.1, 0.1]
     """
     _check_lr(learning_rate)
     _checks.check_probability("alpha", alpha)
@@ -262,6 +298,14 @@ def adam(
     ``bias_correction=False`` is the lectures' Adam without bias correction;
     ``amsgrad=True`` is AMSGrad (Reddi et al., 2018) as PyTorch implements it.
     ``mu_dtype`` sets the moments' dtype (float32 moments for bfloat16 weights).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adam(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # bias-corrected first step: -lr * g / |g|
+      [-0.1, 0.1]
     """
     _check_lr(learning_rate)
     _checks.check_probability("b1", b1)
@@ -295,6 +339,14 @@ def adamw(
     .. math:: w_t = w_{t-1} - \\eta \\Big(\\frac{\\hat m_t}{\\sqrt{\\hat v_t} + \\epsilon} + \\lambda w_{t-1}\\Big)
 
     The decay is scaled by the learning rate (and its schedule), as in PyTorch.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adamw(0.1, weight_decay=0.5)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # -lr * (g / |g| + wd * w)
+      [-0.15, 0.2]
     """
     _check_lr(learning_rate)
     _checks.check_probability("b1", b1)
@@ -325,6 +377,14 @@ def adadelta(
 
     ``accumulator_dtype`` sets the dtype of :math:`r` and :math:`a` (float32
     for bfloat16 parameters).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adadelta(1.0, rho=0.9, eps=1e-6)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 5) for u in updates["w"].tolist()]  # first step: about -sqrt(eps / (1 - rho)) sign(g)
+      [-0.00316, 0.00316]
     """
     _check_lr(learning_rate)
     _checks.check_probability("rho", rho)
@@ -349,6 +409,18 @@ def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> Gradi
     weight's step grows by ``etas[1]`` while its gradient keeps its sign and
     shrinks by ``etas[0]`` when it flips, within ``step_sizes``. Meant for
     full-batch training. See `optlab.transforms.scale_by_rprop`.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.rprop(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> steps = []
+      >>> for _ in range(3):  # the gradient keeps its sign: the step grows by etas[1] = 1.2
+      ...     updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, state, params)
+      ...     steps.append(round(float(updates["w"][0]), 4))
+      >>> steps
+      [-0.1, -0.12, -0.144]
     """
     if len(etas) != 2 or len(step_sizes) != 2:
         raise ValueError(f"`etas` (={etas!r}) and `step_sizes` (={step_sizes!r}) must be pairs")
@@ -369,6 +441,16 @@ def adaptive_gains(
     ``gain += increase`` when a weight's gradient keeps its sign,
     ``gain *= 1 - decrease`` when it flips, clipped to ``[min_gain, max_gain]``;
     ``w -= lr * gain * g``.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.adaptive_gains(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> _, state = opt.update({"w": jnp.array([1.0, -2.0])}, state, params)
+      >>> updates, state = opt.update({"w": jnp.array([1.0, 2.0])}, state, params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # gains 1 + 0.05 (same sign), 1 * 0.95 (flipped)
+      [-0.105, -0.19]
     """
     _check_lr(learning_rate)
 

@@ -107,13 +107,29 @@ def swats(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransformat
 
     Read the switch from the state with `optlab.swats_status(state)`:
     ``{"switched", "switch_step", "sgd_learning_rate"}``.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.swats(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, state = opt.update({"w": jnp.array([0.5, -3.0])}, opt.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # it starts as Adam: -lr * g / |g|
+      [-0.1, 0.1]
     """
     scale_by_swats(learning_rate, b1, b2, eps)  # validates
     return with_hyperparams(scale_by_swats, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def swats_status(state) -> dict:
-    """``{"switched", "switch_step", "sgd_learning_rate"}`` of the SWATS state inside ``state``."""
+    """``{"switched", "switch_step", "sgd_learning_rate"}`` of the SWATS state inside ``state``.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> opt = optlab.chain(optlab.clip_by_global_norm(1.0), optlab.swats(1e-3))
+      >>> state = opt.init({"w": jnp.ones(2)})
+      >>> {k: v.tolist() for k, v in optlab.swats_status(state).items()}
+      {'switched': False, 'switch_step': 0, 'sgd_learning_rate': 0.0}
+    """
     found = []
 
     def walk(node):

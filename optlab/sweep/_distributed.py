@@ -40,7 +40,13 @@ _CURVES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learni
 
 
 def member_block(num_members: int, num_processes: int, process_id: int) -> range:
-    """The members process ``process_id`` trains: ``[p n // P, (p + 1) n // P)`` (blocks differ by at most one)."""
+    """The members process ``process_id`` trains: ``[p n // P, (p + 1) n // P)`` (blocks differ by at most one).
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> [list(sweep.member_block(10, 3, p)) for p in range(3)]
+      [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    """
     return range(process_id * num_members // num_processes, (process_id + 1) * num_members // num_processes)
 
 

@@ -16,6 +16,14 @@ def ensemble(config: dict, n: int, **run_kwargs) -> dict:
     Returns ``{"member_accuracies", "ensemble_accuracy", "sweep"}``: each
     member's test accuracy and that of the averaged softmax outputs (the
     lectures' model ensembles, Dietterich 2000).
+
+    Example (scikit-learn's 8x8 digits, bundled: no download):
+      >>> import optlab.sweep as sweep
+      >>> config = {"data": {"name": "digits", "batch_size": 256}, "model": {"name": "mlp", "hidden": [8]},
+      ...           "optimizer": {"name": "sgd", "learning_rate": 0.1}, "train": {"epochs": 1}}
+      >>> out = sweep.ensemble(config, n=2, quiet=True)
+      >>> sorted(out), len(out["member_accuracies"]), 0 <= out["ensemble_accuracy"] <= 1
+      (['ensemble_accuracy', 'member_accuracies', 'sweep'], 2, True)
     """
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"an ensemble needs `n` (={n!r}) >= 2 members")

@@ -21,6 +21,16 @@ def _fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table, columns in the first row's key order, floats to 4 significant digits.
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> print(sweep.markdown_table([{"lr": 0.1, "acc": 0.912345}, {"lr": 0.01, "acc": None}]))
+      | lr | acc |
+      |---|---|
+      | 0.1 | 0.9123 |
+      | 0.01 |  |
+    """
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]

@@ -63,7 +63,15 @@ def _as_data(value):
 
 
 def make_members(config: dict, members: list[dict]) -> list[Member]:
-    """Validate and expand a member list against a config, before anything compiles."""
+    """Validate and expand a member list against a config, before anything compiles.
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> config = {"optimizer": {"name": "sgd", "learning_rate": 0.1}}
+      >>> members = sweep.make_members(config, sweep.grid(learning_rate=[0.01, 0.1], seeds=1))
+      >>> len(members), members[1].values  # short keys expanded to dotted config keys
+      (2, {'optimizer.learning_rate': 0.1, 'train.seed': 0})
+    """
     if not isinstance(members, list) or not members:
         raise ValueError("a sweep needs a non-empty list of members (use optlab.sweep.grid/random/zip)")
     base = _config.resolve(config)
@@ -199,6 +207,12 @@ def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
     ``benchmarks/sweep_throughput.py`` (docs/benchmarks.md): ConvNet ``vmap``
     0.3-0.8x of ``map``; MLP ``vmap`` 1.1x of ``map`` up to 8 members a
     device, 0.6-0.9x beyond.
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> mlp = {"model": {"name": "mlp"}}
+      >>> [sweep.choose_strategy(mlp, n, "auto") for n in (1, 4)], sweep.choose_strategy(mlp, 4, "chunked")
+      (['map', 'vmap'], 'chunked')
     """
     if requested not in STRATEGIES:
         raise ValueError(f"`strategy` (={requested!r}) must be one of {STRATEGIES}")

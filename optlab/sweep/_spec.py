@@ -35,13 +35,28 @@ class Uniform(NamedTuple):
 
 
 def log_uniform(low: float, high: float) -> LogUniform:
-    """A range sampled uniformly in log space (learning rates, weight decays)."""
+    """A range sampled uniformly in log space (learning rates, weight decays).
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> members = sweep.random(16, learning_rate=sweep.log_uniform(1e-4, 1e-1), seed=0)
+      >>> all(1e-4 <= m["learning_rate"] <= 1e-1 for m in members)
+      True
+    """
     if not 0 < low < high:
         raise ValueError(f"log_uniform needs 0 < low (={low!r}) < high (={high!r})")
     return LogUniform(float(low), float(high))
 
 
 def uniform(low: float, high: float) -> Uniform:
+    """A range sampled uniformly (momentum, dropout rates).
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> members = sweep.random(16, momentum=sweep.uniform(0.8, 0.99), seed=0)
+      >>> all(0.8 <= m["momentum"] <= 0.99 for m in members)
+      True
+    """
     if not low < high:
         raise ValueError(f"uniform needs low (={low!r}) < high (={high!r})")
     return Uniform(float(low), float(high))
@@ -66,7 +81,14 @@ def _with_seeds(members: list[dict], seeds: int | list[int] | None) -> list[dict
 
 
 def grid(*, seeds: int | list[int] | None = None, **axes: list) -> list[dict]:
-    """The Cartesian product of the given value lists (crossed with ``seeds`` if given)."""
+    """The Cartesian product of the given value lists (crossed with ``seeds`` if given).
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> members = sweep.grid(learning_rate=[0.01, 0.1], momentum=[0.0, 0.9], seeds=2)
+      >>> len(members), members[0], members[-1]
+      (8, {'learning_rate': 0.01, 'momentum': 0.0, 'seed': 0}, {'learning_rate': 0.1, 'momentum': 0.9, 'seed': 1})
+    """
     if not axes and seeds is None:
         raise ValueError("grid() needs at least one hyperparameter list")
     names = list(axes)
@@ -76,7 +98,13 @@ def grid(*, seeds: int | list[int] | None = None, **axes: list) -> list[dict]:
 
 
 def zip(*, seeds: int | list[int] | None = None, **axes: list) -> list[dict]:  # noqa: A001 - mirrors builtins.zip
-    """Members taken position by position from equally long lists."""
+    """Members taken position by position from equally long lists.
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> sweep.zip(learning_rate=[0.01, 0.1], weight_decay=[0.0, 1e-4])
+      [{'learning_rate': 0.01, 'weight_decay': 0.0}, {'learning_rate': 0.1, 'weight_decay': 0.0001}]
+    """
     if not axes:
         raise ValueError("zip() needs at least one hyperparameter list")
     lists = {n: _values(n, v) for n, v in axes.items()}
@@ -88,7 +116,15 @@ def zip(*, seeds: int | list[int] | None = None, **axes: list) -> list[dict]:  #
 
 
 def random(num: int, *, seed: int = 0, seeds: int | list[int] | None = None, **axes) -> list[dict]:  # noqa: A001
-    """``num`` members drawn with a fixed seed: each axis a `log_uniform`, a `uniform`, or a list to choose from."""
+    """``num`` members drawn with a fixed seed: each axis a `log_uniform`, a `uniform`, or a list to choose from.
+
+    Example:
+      >>> import optlab.sweep as sweep
+      >>> axes = dict(learning_rate=sweep.log_uniform(1e-3, 1.0), nesterov=[False, True])
+      >>> members = sweep.random(4, seed=0, **axes)
+      >>> len(members), sorted(members[0]), members == sweep.random(4, seed=0, **axes)
+      (4, ['learning_rate', 'nesterov'], True)
+    """
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"`num` (={num!r}) must be a positive integer")
     if not axes:

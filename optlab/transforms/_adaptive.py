@@ -55,6 +55,15 @@ def scale_by_adagrad(
     feature out; without either, no step counter is kept. ``accumulator_dtype``
     sets the dtype of :math:`s` (float32 for bfloat16 parameters); by default
     it is the parameters' own.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_adagrad()
+      >>> state = tx.init({"w": jnp.zeros(1)})
+      >>> _, state = tx.update({"w": jnp.array([3.0])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([4.0])}, state)
+      >>> round(float(updates["w"][0]), 4)  # 4 / sqrt(3^2 + 4^2)
+      0.8
     """
     _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
     _checks.check_nonnegative("eps", eps)
@@ -115,6 +124,13 @@ def scale_by_rms(
     Goodfellow et al. (2016) Algorithm 8.5. The default matches ``torch.optim.RMSprop``.
     ``accumulator_dtype`` sets the dtype of :math:`r` and :math:`m` (float32 for
     bfloat16 parameters); by default it is the parameters' own.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_rms(alpha=0.99)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -3.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # g / sqrt((1 - alpha) g^2) = 10 sign(g)
+      [10.0, -10.0]
     """
     _checks.check_probability("alpha", alpha)
     _checks.check_nonnegative("eps", eps)
@@ -179,6 +195,13 @@ def scale_by_adam(
     denominator, keeping the maximum of the *uncorrected* second moment as
     ``torch.optim.Adam`` does. ``mu_dtype`` sets the dtype of both moments
     (e.g. float32 moments for bfloat16 parameters).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_adam()
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -3.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # bias-corrected first step: g / |g|
+      [1.0, -1.0]
     """
     _checks.check_probability("b1", b1)
     _checks.check_probability("b2", b2)
@@ -246,6 +269,13 @@ def scale_by_adadelta(rho=0.9, eps=1e-6, *, accumulator_dtype=None) -> GradientT
     :math:`\\Delta_t` afterwards. ``accumulator_dtype`` sets the dtype of
     :math:`r` and :math:`a` (float32 for bfloat16 parameters); by default it is
     the parameters' own.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_adadelta(rho=0.9, eps=1e-6)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -3.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(u, 5) for u in updates["w"].tolist()]  # first step: about sqrt(eps / (1 - rho)) sign(g)
+      [0.00316, -0.00316]
     """
     _checks.check_probability("rho", rho)
     _checks.check_nonnegative("eps", eps)
@@ -295,6 +325,17 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
     and after a sign change the gradient is forgotten (no step, and the next
     comparison sees zero). The emitted update is final (already negative):
     do not follow this block by a learning rate.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_rprop(0.1)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> _, state = tx.update({"w": jnp.array([1.0, 1.0])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([2.0, -2.0])}, state)
+      >>> [round(s, 4) for s in state.step_size["w"].tolist()]  # sign kept: 0.1 * 1.2; flipped: 0.1 * 0.5
+      [0.12, 0.05]
+      >>> round(float(updates["w"][0]), 4)  # -sign(g) * step (the flipped weight takes no step)
+      -0.12
     """
     _checks.check_positive("learning_rate", learning_rate)
     eta_minus, eta_plus = etas
@@ -348,6 +389,15 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
     Gains start at 1; at the first step (no previous gradient) they are kept.
     Additive increase and multiplicative decrease make big gains collapse fast
     when oscillation starts.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_adaptive_gains(increase=0.05, decrease=0.05)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> _, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([1.0, 2.0])}, state)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # gains 1 + 0.05 (same sign), 1 * 0.95 (flipped)
+      [1.05, 1.9]
     """
     _checks.check_nonnegative("increase", increase)
     _checks.check_range("decrease", decrease, 0.0, 1.0, hi_open=True)

@@ -47,6 +47,10 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
       >>> import jax.numpy as jnp, optlab
       >>> tx = optlab.chain(optlab.trace(0.9), optlab.scale_by_learning_rate(0.1))
       >>> state = tx.init({"w": jnp.ones(2)})
+      >>> for _ in range(2):
+      ...     updates, state = tx.update({"w": jnp.ones(2)}, state)
+      >>> round(float(updates["w"][0]), 4)  # -0.1 * (0.9 * 1 + 1)
+      -0.19
     """
     _checks.check_range("momentum", momentum, 0.0, 1.0)
     _checks.check_range("dampening", dampening, 0.0, 1.0)
@@ -108,6 +112,15 @@ def scale_by_classical_momentum(
     form, changing :math:`\\epsilon` mid-run leaves the velocity already built
     untouched. ``accumulator_dtype`` sets the velocity's dtype (float32 for
     bfloat16 parameters); by default it is the parameters' own.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_classical_momentum(0.1, momentum=0.9)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for _ in range(2):
+      ...     updates, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # v_2 = -(0.9 * 0.1 + 0.1) g
+      [-0.19, 0.38]
     """
     if not callable(learning_rate):
         _checks.check_nonnegative("learning_rate", learning_rate)
@@ -148,6 +161,17 @@ def scale_by_nesterov_momentum(
     therefore the look-ahead points, which is what the next gradient is
     evaluated at. ``accumulator_dtype`` sets the velocity's dtype (float32 for
     bfloat16 parameters); by default it is the parameters' own.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_nesterov_momentum(0.1, momentum=0.9)
+      >>> state = tx.init({"w": jnp.zeros(1)})
+      >>> steps = []
+      >>> for _ in range(2):
+      ...     updates, state = tx.update({"w": jnp.ones(1)}, state)
+      ...     steps.append(round(float(updates["w"][0]), 4))
+      >>> steps  # -mu v_0 + (1 + mu) v_1 = 1.9 * -0.1, then 0.9 * 0.1 + 1.9 * -0.19
+      [-0.19, -0.271]
     """
     if not callable(learning_rate):
         _checks.check_nonnegative("learning_rate", learning_rate)

@@ -33,7 +33,7 @@ def reduce_on_plateau(
 ) -> GradientTransformationExtraArgs:
     """Multiply updates by a scale that drops by ``factor`` when the loss plateaus.
 
-    Feed the monitored value through the extra argument ``loss``:
+    Feed the monitored value through the extra argument ``value``:
     ``tx.update(grads, state, params, value=loss)`` (the name optax uses for it). Every
     ``accumulation_size`` calls, the mean of the losses seen is one
     *evaluation*, which follows PyTorch's ``ReduceLROnPlateau.step(metric)``:
@@ -46,6 +46,17 @@ def reduce_on_plateau(
     ``accumulation_size = steps_per_epoch`` and the training loss, this is the
     usual once-per-epoch scheduler. Place it at the end of a chain, after the
     learning rate (``min_scale`` is then ``min_lr / lr``).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.reduce_on_plateau(factor=0.5, patience=0)
+      >>> state = tx.init({"w": jnp.ones(1)})
+      >>> scales = []
+      >>> for loss in (1.0, 1.0, 1.0):  # no improvement after the first: halve each time
+      ...     updates, state = tx.update({"w": jnp.ones(1)}, state, value=loss)
+      ...     scales.append(float(updates["w"][0]))
+      >>> scales  # a new scale applies from the next update on
+      [1.0, 1.0, 0.5]
     """
     _checks.check_range("factor", factor, 0.0, 1.0, hi_open=True)
     _checks.check_int("patience", patience, minimum=0)

@@ -36,6 +36,8 @@ def scale(factor) -> GradientTransformationExtraArgs:
       >>> import jax.numpy as jnp, optlab
       >>> tx = optlab.scale(-0.5)
       >>> u, _ = tx.update({"w": jnp.ones(2)}, tx.init(None))
+      >>> u["w"].tolist()
+      [-0.5, -0.5]
     """
     _checks.check_number("factor", factor)
 
@@ -55,6 +57,17 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
     ``learning_rate`` is a float, an array, or a schedule ``step -> value``;
     with a schedule the transform counts its updates (the first uses step 0).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.scale_by_learning_rate(optlab.schedules.exponential(0.1, gamma=0.5))
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> steps = []
+      >>> for _ in range(2):
+      ...     updates, state = tx.update({"w": jnp.array([1.0, -2.0])}, state)
+      ...     steps.append([round(u, 4) for u in updates["w"].tolist()])
+      >>> steps
+      [[-0.1, 0.2], [-0.05, 0.1]]
     """
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate):
@@ -89,6 +102,14 @@ def add_decayed_weights(weight_decay, mask: Any = None) -> GradientTransformatio
 
     ``mask``: optional pytree of bools (or a function params -> bools) choosing
     which leaves decay; use `optlab.partition` for richer parameter groups.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.add_decayed_weights(0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # g + wd * w
+      [1.1, 0.8]
     """
     _checks.check_nonnegative("weight_decay", weight_decay)
 
@@ -118,6 +139,14 @@ def decoupled_weight_decay(weight_decay, learning_rate: ScalarOrSchedule = 1.0) 
     The self-contained form of decoupled weight decay, for the end of any
     chain: ``w <- w + u - lr * wd * w`` (``torch.optim.AdamW`` decays by
     ``lr * wd``; pass ``learning_rate=1`` for a decay independent of the step size).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.decoupled_weight_decay(0.1, learning_rate=0.5)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> [round(u, 4) for u in updates["w"].tolist()]  # u - lr * wd * w
+      [-0.05, 0.1]
     """
     _checks.check_nonnegative("weight_decay", weight_decay)
     lr_is_schedule = callable(learning_rate)
@@ -142,7 +171,15 @@ def decoupled_weight_decay(weight_decay, learning_rate: ScalarOrSchedule = 1.0) 
 
 
 def clip(max_delta) -> GradientTransformationExtraArgs:
-    """Clip every update element to ``[-max_delta, max_delta]`` (``torch.nn.utils.clip_grad_value_``)."""
+    """Clip every update element to ``[-max_delta, max_delta]`` (``torch.nn.utils.clip_grad_value_``).
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.clip(0.5)
+      >>> updates, _ = tx.update({"w": jnp.array([2.0, -0.25, -4.0])}, tx.init(None))
+      >>> updates["w"].tolist()
+      [0.5, -0.25, -0.5]
+    """
     _checks.check_nonnegative("max_delta", max_delta)
 
     def init_fn(params):
@@ -162,6 +199,13 @@ def clip_by_global_norm(max_norm, eps: float = 1e-6) -> GradientTransformationEx
     ``u <- u * min(1, max_norm / (||u|| + eps))``, the rule of
     ``torch.nn.utils.clip_grad_norm_`` (Pascanu et al., 2013, "On the
     difficulty of training recurrent neural networks").
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.clip_by_global_norm(1.0)
+      >>> updates, _ = tx.update({"a": jnp.array([3.0]), "b": jnp.array([4.0])}, tx.init(None))
+      >>> round(float(updates["a"][0]), 4), round(float(updates["b"][0]), 4)  # norm 5 -> 1
+      (0.6, 0.8)
     """
     _checks.check_positive("max_norm", max_norm)
 

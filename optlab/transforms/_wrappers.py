@@ -48,6 +48,14 @@ def skip_nonfinite(inner, max_consecutive_skips: int | None = None) -> GradientT
     With ``max_consecutive_skips`` set, the wrapper stops skipping after that
     many bad steps in a row and lets the non-finite values through, so a
     diverged run shows up instead of silently standing still.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.skip_nonfinite(optlab.sgd(0.1))
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, tx.init(params), params)
+      >>> updates["w"].tolist(), int(state.total_skips)
+      ([0.0, 0.0], 1)
     """
     inner = with_extra_args_support(inner)
     if max_consecutive_skips is not None:
@@ -150,6 +158,14 @@ def ema_params(decay=0.999) -> GradientTransformationExtraArgs:
     needs no bias correction. Read the average with `optlab.ema_of(state)`.
     The average is kept in float32 at least: in bfloat16, the small steps
     ``(1 - decay) * (w - avg)`` would mostly round away.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.chain(optlab.sgd(0.5), optlab.ema_params(decay=0.9))
+      >>> params = {"w": jnp.ones(1)}
+      >>> updates, state = tx.update({"w": jnp.ones(1)}, tx.init(params), params)
+      >>> round(float(optlab.ema_of(state)["w"][0]), 4)  # 0.9 * 1 + 0.1 * (1 - 0.5)
+      0.95
     """
     _checks.check_probability("decay", decay)
 
@@ -171,7 +187,15 @@ def ema_params(decay=0.999) -> GradientTransformationExtraArgs:
 
 
 def ema_of(state):
-    """The parameter average held by the `ema_params` found in ``state``."""
+    """The parameter average held by the `ema_params` found in ``state``.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.chain(optlab.adam(1e-3), optlab.ema_params(0.99))
+      >>> state = tx.init({"w": jnp.array([1.0, 2.0])})
+      >>> optlab.ema_of(state)["w"].tolist()  # before any update: the initial weights
+      [1.0, 2.0]
+    """
     found = []
 
     def walk(node):
@@ -224,6 +248,9 @@ def partition(transforms: Mapping[str, Any], labels) -> GradientTransformationEx
       ...     {"decay": optlab.adamw(1e-3, weight_decay=0.1), "no_decay": optlab.adam(1e-3)},
       ...     optlab.weight_decay_labels)
       >>> state = tx.init(params)
+      >>> hp = optlab.hyperparams(state)  # one dict per group
+      >>> round(float(hp["decay"]["weight_decay"]), 4), sorted(hp["no_decay"])
+      (0.1, ['b1', 'b2', 'eps', 'learning_rate'])
     """
     if not transforms:
         raise ValueError("partition() needs at least one group")
@@ -266,12 +293,26 @@ def weight_decay_labels(params, decay: str = "decay", no_decay: str = "no_decay"
 
     Biases, BatchNorm/LayerNorm scales and offsets are vectors, so they land
     in ``no_decay``: the usual recipe of not regularising them.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> optlab.weight_decay_labels({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
+      {'b': 'no_decay', 'w': 'decay'}
     """
     return _map(lambda p: decay if jnp.ndim(p) >= 2 else no_decay, params)
 
 
 def masked(inner, mask) -> GradientTransformationExtraArgs:
-    """Apply ``inner`` where ``mask`` (pytree of bools or ``params -> bools``) is True; pass the rest through."""
+    """Apply ``inner`` where ``mask`` (pytree of bools or ``params -> bools``) is True; pass the rest through.
+
+    Example:
+      >>> import jax.numpy as jnp, optlab
+      >>> tx = optlab.masked(optlab.clip(0.5), {"b": False, "w": True})
+      >>> grads = {"b": jnp.array([2.0]), "w": jnp.array([2.0])}
+      >>> updates, _ = tx.update(grads, tx.init(grads))
+      >>> {k: v.tolist() for k, v in updates.items()}
+      {'b': [2.0], 'w': [0.5]}
+    """
     def labels(params):
         m = mask(params) if callable(mask) else mask
         return _map(lambda b: "on" if b else "off", m)
