@@ -231,10 +231,17 @@ def tree_full_like(tree, value, dtype=None):
 
 
 def tree_vdot(a, b) -> jax.Array:
-    """Sum over leaves of <a, b>, accumulated in float32."""
-    parts = jax.tree_util.tree_map(
-        lambda x, y: jnp.vdot(x.astype(jnp.float32).ravel(), y.astype(jnp.float32).ravel()), a, b
-    )
+    """Sum over leaves of <a, b>, accumulated in float32.
+
+    A complex leaf counts as the pairs of reals it holds: Re(conj(x) y) per
+    element, so that ``tree_vdot(t, t)`` is the sum of ``|x|^2``.
+    """
+
+    def leaf(x, y):
+        wide = jnp.complex64 if jnp.iscomplexobj(x) or jnp.iscomplexobj(y) else jnp.float32
+        return jnp.real(jnp.vdot(x.astype(wide).ravel(), y.astype(wide).ravel()))
+
+    parts = jax.tree_util.tree_map(leaf, a, b)
     return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), jnp.float32))
 
 

@@ -128,3 +128,51 @@ def check_float_dtype(name: str, value: Any) -> np.dtype | None:
     if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
         raise ValueError(f"`{name}` (={value!r}) must be None or a floating-point dtype such as 'float32'")
     return dtype
+
+
+def check_learning_rate(value: Any, *, positive: bool = False) -> None:
+    """A learning rate given as a number or array: finite, and >= 0 (> 0 with ``positive``).
+
+    Schedules (callables) are checked by the schedule functions themselves.
+    """
+    if callable(value):
+        return
+    check_range("learning_rate", value, 0.0, math.inf, lo_open=positive, hi_open=True)
+
+
+def check_pair(name: str, value: Any) -> tuple:
+    """``value`` unpacked as a pair ``(a, b)``: a tuple, a list or an array of two (possibly traced)."""
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` (={value!r}) must be a pair of numbers (a, b)") from None
+    return a, b
+
+
+def check_params_dtypes(transform: str, params: Any, *, complex_ok: bool = False) -> None:
+    """Reject parameter leaves that ``transform`` would update wrongly, naming the leaf.
+
+    Every update is cast back to its parameter's dtype, so an integer or bool
+    leaf would have its step truncated (usually to zero, silently). Complex
+    leaves are refused by the adaptive methods (``complex_ok=False``): their
+    per-coordinate second moments are defined here for real numbers only.
+    Called by ``init``, on shapes and dtypes only (tracers are fine).
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = jax.numpy.result_type(leaf)
+        if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            continue
+        where = jax.tree_util.keystr(path) or "(the root)"
+        if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+            if complex_ok:
+                continue
+            raise TypeError(
+                f"`{transform}` cannot update the complex parameter {where} (dtype {dtype}): its "
+                "second-moment estimates are defined for real numbers; optimize the real and "
+                "imaginary parts as separate real arrays, or use sgd / momentum, which accept complex parameters"
+            )
+        raise TypeError(
+            f"`{transform}` updates floating-point parameters only; the parameter {where} has dtype "
+            f"{dtype}, and its update would be truncated to that dtype. Keep integer and bool arrays "
+            "out of the tree given to the optimizer (for a Flax model: nnx.split(model, nnx.Param, ...))"
+        )

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optlab import _checks
 from optlab._base import (
     GradientTransformationExtraArgs,
     check_same_structure,
@@ -117,7 +118,13 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         kwargs.update({k: None for k in absent})
         return with_extra_args_support(build(**kwargs))
 
+    # The optimizer's name for errors: `build` of optlab.adam is "adam.<locals>.build".
+    name = getattr(build, "__qualname__", "").split(".<locals>")[0]
+    name = name if name.isidentifier() else "with_hyperparams"
+
     def init_fn(params):
+        # Complex parameters are left to the blocks: momentum methods take them, adaptive ones refuse.
+        _checks.check_params_dtypes(name, params, complex_ok=True)
         # Copies: the closure keeps `numeric` and `scheduled` for the next init, and a
         # jitted step that donates this state would otherwise free them.
         count = step_counter(bool(scheduled))
@@ -129,6 +136,12 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
     def update_fn(updates, state, params=None, **extra_args):
         # Fail with both structures shown, not deep inside a tree_map of some block.
         check_same_structure(updates, params, "gradient")
+        if not isinstance(state, HyperparamsState) or set(state.hyperparams) != set(numeric) | set(scheduled):
+            have = sorted(state.hyperparams) if isinstance(state, HyperparamsState) else type(state).__name__
+            raise TypeError(
+                f"`{name}`.update was given a state its init did not make: expected one holding the "
+                f"hyperparameters {sorted(set(numeric) | set(scheduled))}, got {have}"
+            )
         numeric_now = {k: state.hyperparams[k] for k in numeric}
         vals = values_at(state.count, numeric_now, state.schedules)
         inner = make(vals)

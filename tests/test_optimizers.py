@@ -606,7 +606,18 @@ _P = {"w": jnp.ones(2)}
         (optlab.sgd, dict(learning_rate=0.1, momentum=True), TypeError, r"`momentum` \(=True\).*bool"),
         (optlab.rprop, dict(etas=(1.5, 1.2)), ValueError, r"`etas\[0\]` \(=1.5\) must be in \(0.0, 1.0\)"),
         (optlab.rprop, dict(etas=(0.5, 0.9)), ValueError, r"`etas\[1\]` \(=0.9\)"),
-        (optlab.rprop, dict(etas=(0.5,)), ValueError, r"`etas` \(=\(0.5,\)\).*pairs"),
+        (optlab.rprop, dict(etas=(0.5,)), ValueError, r"`etas` \(=\(0.5,\)\) must be a pair"),
+        (optlab.rprop, dict(etas=0.5), ValueError, r"`etas` \(=0.5\) must be a pair"),
+        (
+            optlab.rprop,
+            dict(step_sizes=(1.0, 0.1)),
+            ValueError,
+            r"`step_sizes` \(=\(1.0, 0.1\)\) must be \(minimum, maximum\) with minimum <= maximum",
+        ),
+        (optlab.adam, dict(learning_rate=float("inf")), ValueError, r"`learning_rate` \(=inf\) must be in \[0.0, inf\)"),
+        (optlab.sgd, dict(learning_rate=float("nan")), ValueError, r"`learning_rate` \(=nan\)"),
+        (optlab.swats, dict(learning_rate=float("inf")), ValueError, r"`learning_rate` \(=inf\)"),
+        (optlab.lbfgs, dict(learning_rate=float("inf")), ValueError, r"`learning_rate` \(=inf\)"),
         (optlab.rprop, dict(learning_rate=0.0), ValueError, r"`learning_rate` \(=0.0\)"),
         (optlab.rprop, dict(step_sizes=(-1.0, 50.0)), ValueError, r"`step_sizes\[0\]` \(=-1.0\)"),
         (optlab.swats, dict(learning_rate=0.0), ValueError, r"`learning_rate` \(=0.0\)"),
@@ -653,3 +664,80 @@ _P = {"w": jnp.ones(2)}
 def test_bad_input_is_rejected_early(factory, kwargs, exc, fragment):
     with pytest.raises(exc, match=fragment):
         factory(**kwargs)
+
+
+def test_update_with_another_optimizers_state_names_the_mismatch():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"`adam`.update was given a state its init did not make.*'b1'.*got \['learning_rate'\]"):
+        optlab.adam().update(params, optlab.sgd(0.1).init(params), params)
+
+
+# --- parameter dtypes an optimizer cannot update --------------------------------------------
+
+# Adaptive methods: per-coordinate second moments (or sign logic) defined for real numbers.
+REAL_ONLY = {
+    "adagrad": lambda: optlab.adagrad(0.1),
+    "rmsprop": lambda: optlab.rmsprop(0.01),
+    "adam": lambda: optlab.adam(1e-2),
+    "adamw": lambda: optlab.adamw(1e-2),
+    "adadelta": lambda: optlab.adadelta(),
+    "rprop": lambda: optlab.rprop(),
+    "adaptive_gains": lambda: optlab.adaptive_gains(0.1),
+    "swats": lambda: optlab.swats(1e-2),
+    "lbfgs": lambda: optlab.lbfgs(0.1, line_search=None),
+}
+# Linear in the gradient: a complex number is updated as its pair of reals.
+COMPLEX_OK = {
+    "sgd": lambda: optlab.sgd(0.1),
+    "sgd-momentum-wd": lambda: optlab.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+    "sgd-nesterov": lambda: optlab.sgd(0.1, momentum=0.9, nesterov=True),
+    "classical_momentum": lambda: optlab.classical_momentum(0.1),
+    "nesterov_momentum": lambda: optlab.nesterov_momentum(0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool"])
+@pytest.mark.parametrize("name", [*REAL_ONLY, *COMPLEX_OK])
+def test_integer_parameters_are_rejected_naming_the_leaf(name, dtype):
+    # The update would be cast to the leaf's dtype: truncated to 0 for most methods,
+    # -lr/eps (-1e7) for RMSprop. PyTorch refuses such parameters too.
+    params = {"w": jnp.ones(2), "n": {"count": jnp.zeros(2, dtype)}}
+    with pytest.raises(TypeError, match=rf"updates floating-point parameters only; the parameter \['n'\]\['count'\] has dtype {dtype}"):
+        {**REAL_ONLY, **COMPLEX_OK}[name]().init(params)
+
+
+@pytest.mark.parametrize("name", REAL_ONLY)
+def test_complex_parameters_are_rejected_by_adaptive_methods(name):
+    # g * g of a complex gradient is complex: m / sqrt(v) would silently lose the direction.
+    params = {"w": jnp.ones(2), "z": jnp.ones(2, jnp.complex64)}
+    with pytest.raises(TypeError, match=r"cannot update the complex parameter \['z'\] \(dtype complex64\)"):
+        REAL_ONLY[name]().init(params)
+
+
+@pytest.mark.parametrize("name", COMPLEX_OK)
+def test_complex_parameters_follow_the_pairs_of_reals(name):
+    # Same trajectory as the real and imaginary parts optimized as one real array.
+    make = COMPLEX_OK[name]
+    z0 = jnp.array([1.0 + 2.0j, -0.5 + 0.25j], jnp.complex64)
+    grads = [jnp.array([0.3 - 1.0j, 2.0 + 0.5j], jnp.complex64) * (k + 1) for k in range(4)]
+
+    def run(to, params):
+        opt = make()
+        state = opt.init(params)
+        for g in grads:
+            updates, state = opt.update({"p": to(g)}, state, params)
+            params = optlab.apply_updates(params, updates)
+        return params["p"]
+
+    as_complex = run(lambda g: g, {"p": z0})
+    as_pairs = run(lambda g: jnp.stack([g.real, g.imag]), {"p": jnp.stack([z0.real, z0.imag])})
+    np.testing.assert_allclose(np.asarray(as_complex.real), np.asarray(as_pairs[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(as_complex.imag), np.asarray(as_pairs[1]), rtol=1e-6)
+
+
+def test_global_norm_of_complex_leaves_counts_both_parts():
+    tree = {"z": jnp.array([3j, 4.0 + 0j], jnp.complex64), "w": jnp.array([12.0])}
+    assert float(optlab.global_norm(tree)) == pytest.approx(13.0)
+    clip = optlab.clip_by_global_norm(1.0)
+    updates, _ = clip.update(tree, clip.init(tree))
+    assert float(optlab.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)

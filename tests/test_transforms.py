@@ -551,3 +551,165 @@ def test_trace_first_buffer_is_the_first_gradient(dampening):
     np.testing.assert_array_equal(u1, g1)
     np.testing.assert_allclose(u2, 0.9 * np.asarray(g1) + (1 - dampening) * np.asarray(g2), rtol=1e-6)
 
+
+
+# --- mask / labels trees that are a prefix of the parameter tree -----------------------------
+
+_PREFIX_PARAMS = {
+    "enc": {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.1, -0.2])},
+    "dec": {"w": jnp.array([[2.0], [-1.0]]), "b": jnp.array([0.3])},
+    "head": jnp.array([1.5, -0.5]),
+}
+
+
+def _nnx_params():
+    return nnx.split(_Net(nnx.Rngs(0)), nnx.Param, ...)[1]
+
+
+def _per_module(table):
+    """Labels for `_Net`'s state, written out to every leaf: each leaf gets its module's entry."""
+    return lambda p: jax.tree_util.tree_map_with_path(lambda path, _: table[path[0].key], p)
+
+
+def _is_var(x):
+    return isinstance(x, nnx.Variable)
+
+
+def _masked_tx(mask):
+    return optlab.masked(optlab.adamw(0.1, weight_decay=0.1), mask)
+
+
+def _partition_tx(labels):
+    return optlab.partition({"adam": optlab.adam(0.1), "sgd": optlab.sgd(0.2, momentum=0.9)}, labels)
+
+
+# name: (params, transform, prefix (params -> tree), the same tree written out leaf by leaf (params -> tree))
+_PREFIX_CASES = {
+    "masked-dict": (
+        lambda: _PREFIX_PARAMS,
+        _masked_tx,
+        lambda p: {"enc": True, "dec": False, "head": True},
+        lambda p: {"enc": {"w": True, "b": True}, "dec": {"w": False, "b": False}, "head": True},
+    ),
+    "partition-dict-mixed-depth": (
+        lambda: _PREFIX_PARAMS,
+        _partition_tx,
+        lambda p: {"enc": "adam", "dec": {"w": "sgd", "b": "adam"}, "head": "sgd"},
+        lambda p: {"enc": {"w": "adam", "b": "adam"}, "dec": {"w": "sgd", "b": "adam"}, "head": "sgd"},
+    ),
+    "partition-dict-root-leaf": (
+        lambda: _PREFIX_PARAMS,
+        _partition_tx,
+        lambda p: "sgd",
+        lambda p: {"enc": {"w": "sgd", "b": "sgd"}, "dec": {"w": "sgd", "b": "sgd"}, "head": "sgd"},
+    ),
+    "masked-nnx-per-module": (
+        _nnx_params,
+        _masked_tx,
+        lambda p: nnx.State({"conv": True, "bn": False, "out": True}),
+        _per_module({"conv": True, "bn": False, "out": True}),
+    ),
+    "partition-nnx-per-module": (
+        _nnx_params,
+        _partition_tx,
+        lambda p: nnx.State({"conv": "adam", "bn": "sgd", "out": "adam"}),
+        _per_module({"conv": "adam", "bn": "sgd", "out": "adam"}),
+    ),
+    "partition-nnx-per-variable": (  # a label in place of each nnx.Variable (not of its array)
+        _nnx_params,
+        _partition_tx,
+        lambda p: jax.tree_util.tree_map_with_path(
+            lambda path, _: "adam" if path[-1].key == "kernel" else "sgd", p, is_leaf=_is_var
+        ),
+        lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "adam" if path[1].key == "kernel" else "sgd", p),
+    ),
+}
+
+
+def _steps(tx, params, steps=3):
+    """Updates and states of ``steps`` calls with a fixed sequence of gradients."""
+    out, state = [], tx.init(params)
+    out.append(state)
+    for t in range(steps):
+        u, state = tx.update(_grads_fn(params, t), state, params)
+        out += [u, state]
+        params = optlab.apply_updates(params, u)
+    return out
+
+
+@pytest.mark.parametrize("as_function", [False, True], ids=["tree", "function"])
+@pytest.mark.parametrize("case", sorted(_PREFIX_CASES))
+def test_prefix_mask_or_labels_equal_the_written_out_tree_bitwise(case, as_function):
+    make_params, make_tx, prefix, full = _PREFIX_CASES[case]
+    params = make_params()
+    # The case is a real prefix, and its written-out form has the structure of the params.
+    assert jax.tree_util.tree_structure(full(params)) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_structure(prefix(params)) != jax.tree_util.tree_structure(params)
+
+    got = _steps(make_tx(prefix if as_function else prefix(params)), params)
+    want = _steps(make_tx(full(params)), params)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(g, w, strict=True)
+    # Not vacuous: some leaves are transformed (a wrongly broadcast mask could pass everything through).
+    first_updates, first_grads = (jax.tree_util.tree_leaves(t) for t in (got[1], _grads_fn(params, 0)))
+    assert not all(np.array_equal(u, g) for u, g in zip(first_updates, first_grads))
+
+
+_OPTAX_PREFIX = {"enc": "a", "dec": {"w": "b", "b": "a"}, "head": "b"}
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            lambda: optlab.masked(optlab.chain(optlab.add_decayed_weights(0.5), optlab.sgd(0.1, momentum=0.9)),
+                                  {"enc": True, "dec": False, "head": True}),
+            lambda: optax.masked(optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1, momentum=0.9)),
+                                 {"enc": True, "dec": False, "head": True}),
+        ),
+        (
+            lambda: optlab.partition({"a": optlab.sgd(0.1, momentum=0.9), "b": optlab.clip(0.5)}, _OPTAX_PREFIX),
+            lambda: optax.partition({"a": optax.sgd(0.1, momentum=0.9), "b": optax.clip(0.5)}, _OPTAX_PREFIX),
+        ),
+    ],
+    ids=["masked", "partition"],
+)
+def test_prefix_mask_or_labels_match_optax(ours, theirs):
+    got, want = _steps(ours(), _PREFIX_PARAMS)[1::2], _steps(theirs(), _PREFIX_PARAMS)[1::2]
+    for g, w in zip(got, want):  # the updates of each step
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7), g, w)
+
+
+@pytest.mark.parametrize(
+    "make_tx, params, what, shown",
+    [
+        (  # a key that is not in the params
+            lambda: optlab.masked(optlab.sgd(0.1), {"enc": True, "dex": False, "head": True}),
+            lambda: _PREFIX_PARAMS, "mask", ["'dex'", "'dec'"],
+        ),
+        (  # a function returning such a tree
+            lambda: optlab.masked(optlab.sgd(0.1), lambda p: {"enc": True, "dex": False, "head": True}),
+            lambda: _PREFIX_PARAMS, "mask", ["'dex'", "'dec'"],
+        ),
+        (  # a wrong key below the top
+            lambda: _partition_tx({"enc": {"w": "adam", "z": "adam"}, "dec": "sgd", "head": "sgd"}),
+            lambda: _PREFIX_PARAMS, "labels", ["'z'", "'b'"],
+        ),
+        (  # deeper than the params: a subtree where the params have an array
+            lambda: _partition_tx({"enc": "adam", "dec": "sgd", "head": {"x": "sgd"}}),
+            lambda: _PREFIX_PARAMS, "labels", ["'x'", "'head': *"],
+        ),
+        (  # a plain dict for an nnx.State: a different node type, not a prefix
+            lambda: _partition_tx({"conv": "adam", "bn": "sgd", "out": "adam"}),
+            _nnx_params, "labels", ["PyTreeDef({'bn': *, 'conv': *, 'out': *})", "State["],
+        ),
+    ],
+    ids=["masked-key", "masked-function", "labels-key", "labels-too-deep", "labels-dict-for-nnx-state"],
+)
+def test_mask_or_labels_neither_same_nor_prefix_shows_both_structures(make_tx, params, what, shown):
+    with pytest.raises(ValueError, match=rf"(?s)the {what} tree is neither the parameter tree nor a prefix of it:"
+                                         rf"\n  {what}: PyTreeDef.*\n  params: PyTreeDef") as info:
+        make_tx().init(params())
+    for text in shown:
+        assert text in str(info.value)

@@ -338,7 +338,7 @@ def lbfgs(
       >>> print(jnp.round(params, 3))
       [1. 1.]
     """
-    _checks.check_positive("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate, positive=True)
     _checks.check_int("memory_size", memory_size, minimum=1)
     _checks.check_choice("line_search", line_search, LINE_SEARCHES)
     _checks.check_nonnegative("tolerance_grad", tolerance_grad)
@@ -361,6 +361,7 @@ def _flat_dtype(flat):
 
 def _lbfgs_core(learning_rate, memory_size, line_search, tolerance_grad, tolerance_change, max_ls):
     def init_fn(params):
+        _checks.check_params_dtypes("lbfgs", params)
         flat, _ = ravel_pytree(params)
         dtype = _flat_dtype(flat)
         n = flat.size

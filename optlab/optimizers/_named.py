@@ -25,8 +25,7 @@ def _off(value):
 
 
 def _check_lr(learning_rate):
-    if not callable(learning_rate):
-        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate)
 
 
 def _negate():
@@ -422,9 +421,7 @@ def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> Gradi
       >>> steps
       [-0.1, -0.12, -0.144]
     """
-    if len(etas) != 2 or len(step_sizes) != 2:
-        raise ValueError(f"`etas` (={etas!r}) and `step_sizes` (={step_sizes!r}) must be pairs")
-    _checks.check_positive("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate, positive=True)
 
     def build(learning_rate, etas, step_sizes):
         return _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)

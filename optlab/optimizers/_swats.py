@@ -50,13 +50,13 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
     :math:`v_k = \\beta_1 v_{k-1} + g_k,\\; w_k = w_{k-1} - (1-\\beta_1)\\Lambda v_k`.
     The emitted update is final (learning rate included).
     """
-    if not callable(learning_rate):
-        _checks.check_positive("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate, positive=True)
     _checks.check_probability("b1", b1)
     _checks.check_probability("b2", b2)
     _checks.check_nonnegative("eps", eps)
 
     def init_fn(params):
+        _checks.check_params_dtypes("swats", params)
         # Fresh buffers for every field: a step that donates the state must not see one twice.
         z = lambda: tree_zeros_like(params)  # noqa: E731
         f0 = lambda: jnp.zeros([], jnp.float32)  # noqa: E731

@@ -73,6 +73,7 @@ def scale_by_adagrad(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_adagrad", params)
         return AdagradState(step_counter(from_init or decayed), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
@@ -137,6 +138,7 @@ def scale_by_rms(
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_rms", params)
         zeros = lambda: tree_zeros_like(params, accumulator_dtype)  # noqa: E731
         return RmsState(zeros(), zeros() if centered else ())
 
@@ -209,6 +211,7 @@ def scale_by_adam(
     mu_dtype = _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_adam", params)
         return AdamState(
             step_counter(bias_correction),
             tree_zeros_like(params, mu_dtype),
@@ -282,6 +285,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6, *, accumulator_dtype=None) -> GradientT
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_adadelta", params)
         return AdadeltaState(tree_zeros_like(params, accumulator_dtype), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
@@ -337,15 +341,19 @@ def scale_by_rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0))
       >>> round(float(updates["w"][0]), 4)  # -sign(g) * step (the flipped weight takes no step)
       -0.12
     """
-    _checks.check_positive("learning_rate", learning_rate)
-    eta_minus, eta_plus = etas
-    step_min, step_max = step_sizes
+    _checks.check_learning_rate(learning_rate, positive=True)
+    eta_minus, eta_plus = _checks.check_pair("etas", etas)
+    step_min, step_max = _checks.check_pair("step_sizes", step_sizes)
     _checks.check_range("etas[0]", eta_minus, 0.0, 1.0, lo_open=True, hi_open=True)
     _checks.check_range("etas[1]", eta_plus, 1.0, float("inf"), lo_open=True)
     _checks.check_nonnegative("step_sizes[0]", step_min)
     _checks.check_positive("step_sizes[1]", step_max)
+    lo, hi = _checks.concrete(step_min), _checks.concrete(step_max)
+    if lo is not None and hi is not None and (lo > hi).any():
+        raise ValueError(f"`step_sizes` (={step_sizes!r}) must be (minimum, maximum) with minimum <= maximum")
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_rprop", params)
         return RpropState(step_counter(), tree_zeros_like(params), tree_zeros_like(params))
 
     def update_fn(updates, state, params=None, **extra):
@@ -408,6 +416,7 @@ def scale_by_adaptive_gains(increase=0.05, decrease=0.05, min_gain=0.01, max_gai
         raise ValueError(f"`min_gain` (={min_gain!r}) must not exceed `max_gain` (={max_gain!r})")
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_adaptive_gains", params)
         return GainsState(_map(jnp.ones_like, params), tree_zeros_like(params))
 
     def update_fn(updates, state, params=None, **extra):

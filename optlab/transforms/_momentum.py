@@ -63,6 +63,7 @@ def trace(momentum, dampening=0.0, nesterov: bool = False, accumulator_dtype=Non
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("trace", params, complex_ok=True)
         return TraceState(step_counter(damped), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
@@ -122,12 +123,12 @@ def scale_by_classical_momentum(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # v_2 = -(0.9 * 0.1 + 0.1) g
       [-0.19, 0.38]
     """
-    if not callable(learning_rate):
-        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate)
     _checks.check_probability("momentum", momentum)
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_classical_momentum", params, complex_ok=True)
         return VelocityState(step_counter(callable(learning_rate)), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):
@@ -173,12 +174,12 @@ def scale_by_nesterov_momentum(
       >>> steps  # -mu v_0 + (1 + mu) v_1 = 1.9 * -0.1, then 0.9 * 0.1 + 1.9 * -0.19
       [-0.19, -0.271]
     """
-    if not callable(learning_rate):
-        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate)
     _checks.check_probability("momentum", momentum)
     accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params):
+        _checks.check_params_dtypes("scale_by_nesterov_momentum", params, complex_ok=True)
         return VelocityState(step_counter(callable(learning_rate)), tree_zeros_like(params, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra):

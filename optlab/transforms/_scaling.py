@@ -83,7 +83,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
         return GradientTransformationExtraArgs(init_fn, update_fn)
 
-    _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate)
     return scale(sign * learning_rate)
 
 
@@ -150,8 +150,7 @@ def decoupled_weight_decay(weight_decay, learning_rate: ScalarOrSchedule = 1.0) 
     """
     _checks.check_nonnegative("weight_decay", weight_decay)
     lr_is_schedule = callable(learning_rate)
-    if not lr_is_schedule:
-        _checks.check_nonnegative("learning_rate", learning_rate)
+    _checks.check_learning_rate(learning_rate)
 
     def init_fn(params):
         del params

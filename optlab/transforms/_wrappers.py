@@ -230,11 +230,38 @@ def _labels_for(labels, params):
     return tree
 
 
+def _broadcast_prefix(prefix, tree, what: str):
+    """``prefix``, a tree shaped like ``tree`` or like a prefix of it, with each leaf copied over its subtree.
+
+    A leaf of ``prefix`` that stands where ``tree`` has a whole subtree (a
+    layer's dict, an ``nnx.Variable``, a ``None``) labels every leaf below it,
+    as in optax. When ``prefix`` already has the structure of ``tree``, the
+    result is ``prefix`` rebuilt from its own leaves, so full trees behave as
+    before.
+    """
+
+    def spread(leaf, subtree):
+        return jax.tree_util.tree_map(lambda _: leaf, subtree)
+
+    try:
+        return jax.tree_util.tree_map(spread, prefix, tree)
+    except ValueError as err:
+        # jax's message names the key path only; show both structures so the
+        # mismatch (a typo in a key, a dict where the params hold an nnx.State) is visible.
+        raise ValueError(
+            f"the {what} tree is neither the parameter tree nor a prefix of it:\n"
+            f"  {what}: {jax.tree_util.tree_structure(prefix)}\n"
+            f"  params: {jax.tree_util.tree_structure(tree)}"
+        ) from err
+
+
 def partition(transforms: Mapping[str, Any], labels) -> GradientTransformationExtraArgs:
     """Parameter groups: a different transform (and hyperparameters) for each labelled subset.
 
-    ``labels`` is a pytree of strings with the structure of the parameters, or
-    a function ``params -> labels``; each leaf goes to ``transforms[label]``.
+    ``labels`` is a pytree of strings with the structure of the parameters or
+    of a prefix of it (a label on a subtree, e.g. ``{"enc": "adam", "dec":
+    "sgd"}``, covers every leaf below it, as in ``optax.partition``), or a
+    function ``params -> labels``; each leaf goes to ``transforms[label]``.
     Each group's transform sees only its own leaves (the others are masked
     out), so its state holds nothing for them. This is PyTorch's
     ``param_groups``; use `weight_decay_labels` for the usual "no weight decay
@@ -251,6 +278,14 @@ def partition(transforms: Mapping[str, Any], labels) -> GradientTransformationEx
       >>> hp = optlab.hyperparams(state)  # one dict per group
       >>> round(float(hp["decay"]["weight_decay"]), 4), sorted(hp["no_decay"])
       (0.1, ['b1', 'b2', 'eps', 'learning_rate'])
+
+    A label on a subtree (a prefix of the parameter tree) covers all of it:
+
+      >>> params = {"enc": {"w": jnp.ones(2), "b": jnp.ones(2)}, "dec": {"w": jnp.ones(2)}}
+      >>> tx = optlab.partition({"slow": optlab.sgd(0.5), "fast": optlab.sgd(2.0)}, {"enc": "slow", "dec": "fast"})
+      >>> updates, _ = tx.update(params, tx.init(params), params)  # gradients = params = ones
+      >>> {k: {n: v.tolist() for n, v in sub.items()} for k, sub in updates.items()}
+      {'dec': {'w': [-2.0, -2.0]}, 'enc': {'b': [-0.5, -0.5], 'w': [-0.5, -0.5]}}
     """
     if not transforms:
         raise ValueError("partition() needs at least one group")
@@ -265,14 +300,18 @@ def partition(transforms: Mapping[str, Any], labels) -> GradientTransformationEx
         if unknown:
             raise ValueError(f"labels {sorted(map(str, unknown))} have no transform; groups are {sorted(txs)}")
 
-    def init_fn(params):
-        label_tree = _labels_for(labels, params)
+    def full_labels(tree):
+        label_tree = _labels_for(labels, tree)
+        # Checked before broadcasting, so a wrong label on an empty subtree is still reported.
         check_labels(label_tree)
+        return _broadcast_prefix(label_tree, tree, "labels")
+
+    def init_fn(params):
+        label_tree = full_labels(params)
         return PartitionState({k: t.init(group_view(params, label_tree, k)) for k, t in txs.items()})
 
     def update_fn(updates, state, params=None, **extra):
-        label_tree = _labels_for(labels, updates if params is None else params)
-        check_labels(label_tree)
+        label_tree = full_labels(updates if params is None else params)
         new_states = {}
         out = updates
         for k, t in txs.items():
@@ -305,6 +344,10 @@ def weight_decay_labels(params, decay: str = "decay", no_decay: str = "no_decay"
 def masked(inner, mask) -> GradientTransformationExtraArgs:
     """Apply ``inner`` where ``mask`` (pytree of bools or ``params -> bools``) is True; pass the rest through.
 
+    ``mask`` has the structure of the parameters or of a prefix of it: a bool
+    on a subtree (``{"enc": True, "dec": False}``) covers every leaf below it,
+    as in ``optax.masked``.
+
     Example:
       >>> import jax.numpy as jnp, optlab
       >>> tx = optlab.masked(optlab.clip(0.5), {"b": False, "w": True})
@@ -312,10 +355,16 @@ def masked(inner, mask) -> GradientTransformationExtraArgs:
       >>> updates, _ = tx.update(grads, tx.init(grads))
       >>> {k: v.tolist() for k, v in updates.items()}
       {'b': [2.0], 'w': [0.5]}
+      >>> tx = optlab.masked(optlab.clip(0.5), {"enc": True, "dec": False})  # a prefix of the tree
+      >>> grads = {"enc": {"w": jnp.array([2.0]), "b": jnp.array([-2.0])}, "dec": {"w": jnp.array([2.0])}}
+      >>> updates, _ = tx.update(grads, tx.init(grads))
+      >>> {k: {n: v.tolist() for n, v in sub.items()} for k, sub in updates.items()}
+      {'dec': {'w': [2.0]}, 'enc': {'b': [-0.5], 'w': [0.5]}}
     """
     def labels(params):
         m = mask(params) if callable(mask) else mask
-        return _map(lambda b: "on" if b else "off", m)
+        # Broadcast here rather than in partition, so a bad mask is reported as the mask.
+        return _map(lambda b: "on" if b else "off", _broadcast_prefix(m, params, "mask"))
 
     from optlab._base import identity
 
