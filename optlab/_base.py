@@ -231,14 +231,14 @@ def tree_full_like(tree, value, dtype=None):
 
 
 def tree_vdot(a, b) -> jax.Array:
-    """Sum over leaves of <a, b>, accumulated in float32.
+    """Sum over leaves of <a, b>, accumulated in float32 at least (float64 for float64 leaves).
 
     A complex leaf counts as the pairs of reals it holds: Re(conj(x) y) per
     element, so that ``tree_vdot(t, t)`` is the sum of ``|x|^2``.
     """
 
     def leaf(x, y):
-        wide = jnp.complex64 if jnp.iscomplexobj(x) or jnp.iscomplexobj(y) else jnp.float32
+        wide = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
         return jnp.real(jnp.vdot(x.astype(wide).ravel(), y.astype(wide).ravel()))
 
     parts = jax.tree_util.tree_map(leaf, a, b)
@@ -246,7 +246,7 @@ def tree_vdot(a, b) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-    """sqrt(sum of squares over all leaves), in float32.
+    """sqrt(sum of squares over all leaves), in float32 at least.
 
     Example:
       >>> import jax.numpy as jnp, optlab

@@ -2,7 +2,8 @@
 
 Every named optimizer is built by `with_hyperparams`: its numeric
 hyperparameters (learning rate, momentum, betas, eps, weight decay...) are
-stored *in the optimizer state* as float32 arrays, and the update rule is
+stored *in the optimizer state* as float32 arrays (float64 in JAX's 64-bit
+mode: `optlab.schedules._core.real_dtype`), and the update rule is
 rebuilt from those arrays on every call. Three things follow:
 
 1. Hyperparameters may be JAX arrays or tracers, so an optimizer built inside
@@ -36,7 +37,7 @@ from optlab._base import (
     step_counter,
     with_extra_args_support,
 )
-from optlab.schedules._core import Schedule
+from optlab.schedules._core import Schedule, real_dtype
 
 
 class HyperparamsState(NamedTuple):
@@ -63,7 +64,7 @@ def _as_hparam(name: str, value: Any) -> jax.Array:
     if isinstance(value, bool):
         raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number, not a bool")
     try:
-        return jnp.asarray(value, dtype=jnp.float32)
+        return jnp.asarray(value, dtype=real_dtype())
     except (TypeError, ValueError) as e:  # numpy raises ValueError for strings
         raise TypeError(f"hyperparameter `{name}` (={value!r}) must be a number or array") from e
 
@@ -110,7 +111,7 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
     def values_at(count, numeric_values, schedules):
         vals = dict(numeric_values)
         for k, s in schedules.items():
-            vals[k] = jnp.asarray(s(count), jnp.float32)
+            vals[k] = jnp.asarray(s(count), real_dtype())
         return vals
 
     def make(vals):
@@ -223,7 +224,11 @@ def set_hyperparams(state, group: str | None = None, **values):
     takes the state as an argument sees the same abstract types. A scheduled
     hyperparameter takes a `Schedule` of the same structure as the old one.
     With parameter groups, every group that has the hyperparameter is changed
-    unless ``group`` names one.
+    unless ``group`` names one. Values are copied (a step that donates the
+    state does not free the caller's arrays). Their *ranges* are checked where
+    the update rule is built: an eager ``update`` raises for ``b1=1.0``, but a
+    jitted one only sees a traced value and computes NaN, as the state holds
+    no record of the optimizer's limits.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -282,7 +287,7 @@ def _replace(s: HyperparamsState, values: dict) -> HyperparamsState:
                 raise ValueError(f"the new schedule for `{k}` ({v!r}) has a different structure from {sch[k]!r}")
             # Copies (here and below): the caller's arrays must survive a step that donates the state.
             sch[k] = jax.tree_util.tree_map(lambda new, old: jnp.array(new, old.dtype, copy=True), v, sch[k])
-            hp[k] = jnp.asarray(sch[k](jnp.maximum(s.count - 1, 0)), jnp.float32)
+            hp[k] = jnp.asarray(sch[k](jnp.maximum(s.count - 1, 0)), real_dtype())
         elif k in hp:
             if isinstance(v, Schedule) or callable(v):
                 raise TypeError(f"`{k}` was built as a number; it cannot be replaced by a schedule without recompiling")

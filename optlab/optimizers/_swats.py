@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
+from optlab.schedules._core import real_dtype
 from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, step_counter, tree_vdot, tree_zeros_like
 from optlab._hparams import with_hyperparams
 
@@ -59,13 +60,13 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
         _checks.check_params_dtypes("swats", params)
         # Fresh buffers for every field: a step that donates the state must not see one twice.
         z = lambda: tree_zeros_like(params)  # noqa: E731
-        f0 = lambda: jnp.zeros([], jnp.float32)  # noqa: E731
+        f0 = lambda: jnp.zeros([], real_dtype())  # noqa: E731
         return SwatsState(step_counter(), z(), z(), z(), f0(), jnp.asarray(False), step_counter(), f0())
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         k = safe_increment(state.count)
-        kf = k.astype(jnp.float32)
+        kf = k.astype(real_dtype())
         # SGD phase (computed always, selected below; both are cheap elementwise maps).
         # Moments keep their own dtype (that of the parameters): the float32
         # hyperparameters would otherwise promote bfloat16 state to float32.
@@ -96,7 +97,7 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
             jnp.where(in_sgd, state.lam, lam),
             new_switched,
             jnp.where(just, k, state.switch_step).astype(count_dtype()),
-            jnp.where(just, corrected, state.sgd_learning_rate).astype(jnp.float32),
+            jnp.where(just, corrected, state.sgd_learning_rate).astype(real_dtype()),
         )
 
     return GradientTransformationExtraArgs(init_fn, update_fn)

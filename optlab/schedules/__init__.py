@@ -9,7 +9,8 @@ epoch, wrap the schedule in ``per_epoch(schedule, steps_per_epoch)``, which
 evaluates ``schedule(t // steps_per_epoch)``.
 
 Every factory returns a `Schedule` (``one_cycle`` returns a `OneCycle` pair
-of them): a callable pytree whose numeric parameters are float32 leaves, so
+of them): a callable pytree whose numeric parameters are float32 leaves
+(float64 in JAX's 64-bit mode), so
 schedules can sit in an optimizer state, be built inside ``jax.vmap`` and be
 replaced without recompiling. See `optlab.schedules._schedules` for the
 table of PyTorch equivalents and the numerical notes.

@@ -18,11 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def real_dtype():
+    """The dtype of hyperparameters, schedule values and the scalars derived from the step count.
+
+    float32, or float64 when JAX's 64-bit mode is on (``jax_enable_x64``), so
+    that float64 parameters get float64-accurate updates, as in PyTorch.
+    """
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def as_param(value: Any) -> Any:
-    """Numeric schedule parameter -> float32 array (sub-schedules pass through)."""
+    """Numeric schedule parameter -> `real_dtype` array (sub-schedules pass through)."""
     if isinstance(value, Schedule):
         return value
-    return jnp.asarray(value, dtype=jnp.float32)
+    return jnp.asarray(value, dtype=real_dtype())
 
 
 @jax.tree_util.register_pytree_node_class

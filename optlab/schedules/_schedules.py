@@ -12,7 +12,8 @@ that calls ``scheduler.step()`` once per *epoch* is reproduced by
 ``schedule(t // steps_per_epoch)``.
 
 Every factory returns a `Schedule`: a callable pytree whose numeric parameters
-(initial value, rates, step counts, milestones, ...) are float32 leaves and
+(initial value, rates, step counts, milestones, ...) are float32 leaves
+(float64 with ``jax_enable_x64``, where they are evaluated in float64) and
 whose formula and structural settings (a mode string, ``staircase``, the
 number of milestones) are static. Schedules can therefore sit in an optimizer
 state, be built inside ``jax.vmap`` (sweeping a peak learning rate), and be
@@ -65,7 +66,7 @@ from optlab._checks import (
     check_range,
     concrete,
 )
-from optlab.schedules._core import Schedule, as_param
+from optlab.schedules._core import Schedule, as_param, real_dtype
 
 __all__ = [
     "OneCycle",
@@ -97,7 +98,7 @@ __all__ = [
 
 
 def _steps(step) -> jnp.ndarray:
-    return jnp.asarray(step, dtype=jnp.float32)
+    return jnp.asarray(step, dtype=real_dtype())
 
 
 def _floor_div(t, d):
@@ -217,7 +218,7 @@ def step_decay(init_value, step_size, gamma=0.1) -> Schedule:
 
 def _multistep_fn(step, init_value, milestones, gamma):
     t = _steps(step)
-    passed = jnp.sum(t[..., None] >= milestones, axis=-1).astype(jnp.float32)
+    passed = jnp.sum(t[..., None] >= milestones, axis=-1).astype(t.dtype)
     return init_value * gamma**passed
 
 

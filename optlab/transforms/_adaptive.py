@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
+from optlab.schedules._core import real_dtype
 from optlab._base import (
     GradientTransformationExtraArgs,
     leaf_scalars,
@@ -78,7 +79,7 @@ def scale_by_adagrad(
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
-        decay = 1.0 + state.count.astype(jnp.float32) * lr_decay if decayed else None
+        decay = 1.0 + state.count.astype(real_dtype()) * lr_decay if decayed else None
         hp = leaf_scalars(state.sum_of_squares, init=initial_accumulator_value, eps=eps, decay=decay, count=state.count)
 
         def accumulate(s, g, h):
@@ -228,7 +229,7 @@ def scale_by_adam(
             # reciprocals fuse into two scalar kernels (optax's number) instead of four.
             # The barrier keeps 1 / sqrt(.) from being rewritten into rsqrt, which rounds
             # differently from PyTorch's sqrt-then-divide.
-            t = safe_increment(state.count).astype(jnp.float32)
+            t = safe_increment(state.count).astype(real_dtype())
             inv_bc1, inv_bc2_sqrt = 1 / (1 - b1**t), 1 / jax.lax.optimization_barrier(jnp.sqrt(1 - b2**t))
         else:
             inv_bc1 = inv_bc2_sqrt = None

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optlab import _checks
+from optlab.schedules._core import real_dtype
 from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment
 
 
@@ -77,8 +78,8 @@ def reduce_on_plateau(
         del params
         # Three distinct counters: a step that donates the state must not see one buffer twice.
         z = lambda: jnp.zeros([], count_dtype())  # noqa: E731
-        best = jnp.asarray(jnp.inf if mode == "min" else -jnp.inf, jnp.float32)
-        return PlateauState(z(), jnp.ones([], jnp.float32), best, z(), z(), jnp.zeros([], jnp.float32))
+        best = jnp.asarray(jnp.inf if mode == "min" else -jnp.inf, real_dtype())
+        return PlateauState(z(), jnp.ones([], real_dtype()), best, z(), z(), jnp.zeros([], real_dtype()))
 
     def evaluate(state: PlateauState, value):
         better = is_better(value, state.best)
@@ -99,7 +100,7 @@ def reduce_on_plateau(
         if value is None:
             raise TypeError("reduce_on_plateau needs the monitored value: update(grads, state, params, value=loss)")
         out = jax.tree_util.tree_map(lambda u: (state.scale * u).astype(u.dtype), updates)
-        loss_sum = state.loss_sum + jnp.asarray(value, jnp.float32)
+        loss_sum = state.loss_sum + jnp.asarray(value, real_dtype())
         count = safe_increment(state.count)
         due = (count % accumulation_size) == 0
         scale, best, num_bad, cooldown_left = evaluate(state, loss_sum / accumulation_size)
