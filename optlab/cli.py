@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -30,7 +31,14 @@ def cmd_train(args) -> int:
         if not (run_dir / "config.json").is_file():
             print(f"error: {run_dir} is not a run folder (no config.json)", file=sys.stderr)
             return 2
-        cfg = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text())
+        if args.config is None:
+            cfg = saved
+        else:
+            # The file's config is compared with the saved one by `fit`, like --set overrides:
+            # only train.epochs and output.* may differ. Where the run lives stays the saved one.
+            cfg = _config.load_config_file(args.config)
+            cfg["output"] = saved.get("output", {})
         cfg = _config.resolve(_config.apply_overrides(cfg, args.set))
         hint = None
     else:
@@ -51,7 +59,9 @@ def cmd_eval(args) -> int:
     from optlab.train import evaluate_run
 
     res = evaluate_run(args.run_dir)
-    print(json.dumps(res, indent=2))
+    # Strict JSON: a non-finite loss prints as null (json.dumps would write the invalid token NaN).
+    res = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
+    print(json.dumps(res, indent=2, allow_nan=False))
     return 0
 
 
@@ -76,6 +86,21 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def _sweep_out_dir(args) -> pathlib.Path | None:
+    """``--out``, else ``<output.dir>/sweep-<config name>``; None while output.dir is invalid.
+
+    Read from the unresolved config: a multi-process sweep must not build the optimizer
+    (which creates arrays) before ``jax.distributed`` is initialised; `resolve` reports a
+    bad ``output.dir`` later.
+    """
+    if args.out:
+        return pathlib.Path(args.out)
+    raw = _config.apply_overrides(_config.load_config_file(args.config), args.set)
+    output = raw.get("output", {})
+    root = output.get("dir", _config.DEFAULTS["output"]["dir"]) if isinstance(output, dict) else None
+    return pathlib.Path(root) / f"sweep-{pathlib.Path(args.config).stem}" if isinstance(root, str) else None
+
+
 def cmd_sweep(args) -> int:
     import optlab.sweep as sweep
 
@@ -91,10 +116,16 @@ def cmd_sweep(args) -> int:
     if members is None:
         print(f"error: {args.config} defines no get_sweep()", file=sys.stderr)
         return 2
+    out = _sweep_out_dir(args)
+    # Like `optlab train`: never write over another sweep's results (stale plots would stay
+    # next to new tables). Checked before any process starts training; only process 0 writes.
+    if out is not None and not args.process_id and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"error: sweep output folder {out} already exists and is not empty; "
+              "choose another with --out or remove it", file=sys.stderr)
+        return 2
 
     def sweep_here(distributed: bool = False):
-        cfg, hint = _load(args.config, args.set)
-        out = pathlib.Path(args.out or pathlib.Path(cfg["output"]["dir"]) / f"sweep-{hint}")
+        cfg, _ = _load(args.config, args.set)
         kwargs = dict(strategy=args.strategy, num_devices=args.devices, max_in_flight=args.max_in_flight, out_dir=out)
         return (sweep.run_distributed if distributed else sweep.run)(cfg, members, **kwargs), out
 

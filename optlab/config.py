@@ -228,6 +228,10 @@ def build_optimizer(spec: dict):
             raise ConfigError(f"unknown config key `optimizer.{k}` for optimizer {name!r}; valid: {', '.join(valid)}")
         if isinstance(v, dict) and "schedule" in v:
             v = build_schedule(v, f"optimizer.{k}")
+        elif k == "learning_rate" and isinstance(v, (list, tuple)):
+            # No default to compare the type with (sgd's is required), and a list would pass
+            # here and fail at the first step without naming the key.
+            raise ConfigError(f"config key `optimizer.learning_rate` (={v!r}) must be a number or a schedule dict")
         elif not _type_ok(v, valid[k]):
             raise ConfigError(
                 f"config key `optimizer.{k}` (={v!r}) has type {type(v).__name__}, expected {type(valid[k]).__name__}"
@@ -264,8 +268,10 @@ def _check_values(cfg: dict) -> None:
     for key, value in (("data.data_dir", d["data_dir"]), ("output.name", o["name"]), ("output.dir", o["dir"])):
         if value is not None and not isinstance(value, str):
             fail(key, value, "a string")
-    if not is_int(t["seed"]) or t["seed"] < 0:
-        fail("train.seed", t["seed"], "a non-negative integer")
+    # jax.random.key takes 32 bits of a Python int here (2**32 would alias seed 0) and
+    # overflows on larger ones; say so instead.
+    if not is_int(t["seed"]) or not 0 <= t["seed"] < 2**32:
+        fail("train.seed", t["seed"], "an integer in [0, 2**32)")
     if t["loss"] != "cross_entropy":  # the only loss `fit` implements
         fail("train.loss", t["loss"], "'cross_entropy'")
     if not 0 <= t["label_smoothing"] < 1:

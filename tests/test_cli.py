@@ -172,3 +172,50 @@ def test_module_entry_point_exit_status(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_a_config_file_given_with_resume_is_compared_with_the_saved_one(tiny_file, tmp_path):
+    code, _, stderr = run("train", tiny_file, "--set", f"output.dir={tmp_path}", "--set", "output.name=r",
+                          "--set", "train.epochs=1")
+    assert code == 0, stderr
+    run_dir = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    other = tmp_path / "other.py"
+    # (config given with --resume, differing keys the error must name; [] = accepted)
+    cases = [
+        ({**TINY, "optimizer": {"name": "sgd", "learning_rate": 0.1}}, ["optimizer.learning_rate"]),
+        ({**TINY, "model": {"name": "mlp", "hidden": [32]}, "data": {**TINY["data"], "batch_size": 64}},
+         ["data.batch_size", "model.hidden"]),
+        ({**TINY, "train": {"epochs": 2, "seed": 0}}, []),  # only the length differs: continue the run
+    ]
+    for cfg, differing in cases:
+        other.write_text(f"def get_config():\n    return {cfg!r}\n")
+        code, stdout, stderr = run("train", other, "--resume", run_dir)
+        if differing:
+            assert code == 2, stdout
+            assert stderr.startswith("error: --resume: the config differs") and f"at {differing}" in stderr
+            assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+        else:
+            assert code == 0, stderr
+            assert [int(r["epoch"]) for r in _metrics(run_dir)] == [1, 2]
+            saved = json.loads((run_dir / "config.json").read_text())
+            assert saved["train"]["epochs"] == 2 and saved["output"]["name"] == "r"  # the run's output kept
+
+
+def test_eval_prints_strict_json_when_the_test_loss_is_not_finite(tiny_file, tmp_path):
+    # Huge but finite weights after epoch 2 (one step per epoch, the rate jumps to 3e38) overflow
+    # the test logits; evaluation runs only at the end, so epoch 2 is checkpointed unevaluated.
+    lr = {"schedule": "piecewise_constant", "boundaries": [1], "values": [0.05, 3e38]}
+    from optlab.train import fit
+
+    cfg = {**TINY, "data": {**TINY["data"], "limit_train": 32}, "optimizer": {"name": "sgd", "learning_rate": lr},
+           "train": {"epochs": 3, "eval_every": 10}}
+    fit(cfg, run_dir=tmp_path / "huge", quiet=True, stop_after_epochs=2)
+    code, stdout, stderr = run("eval", tmp_path / "huge")
+    assert code == 0, stderr
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    res = json.loads(stdout, parse_constant=refuse)
+    assert res["epoch"] == 2 and res["test_loss"] is None and 0 <= res["test_accuracy"] <= 1

@@ -62,6 +62,10 @@ BAD = [
     ("train.checkpoint_every", -1, "`train.checkpoint_every`"),
     ("train.skip_nonfinite", "yes", "`train.skip_nonfinite` (='yes')"),
     ("train.seed", -1, "`train.seed`"),
+    # jax keeps 32 bits of a seed: 2**32 would silently be seed 0, larger ones overflow.
+    ("train.seed", 2**32, "`train.seed` (=4294967296) must be an integer in [0, 2**32)"),
+    ("train.seed", 2**70, "`train.seed` (=1180591620717411303424)"),
+    ("train.seed", 1.0, "`train.seed` (=1.0)"),
     ("train.loss", "mse", "`train.loss`"),
     ("train.label_smoothing", 1.0, "`train.label_smoothing`"),
     ("train.clip_global_norm", "big", "`train.clip_global_norm`"),
@@ -80,6 +84,8 @@ BAD = [
     ("optimizer.learning_rate", -0.1, "optimizer 'sgd': `learning_rate` (=-0.1)"),
     ("optimizer.learning_rate", "fast", "optimizer 'sgd': `learning_rate` (='fast')"),
     ("optimizer.momentum", 1.5, "optimizer 'sgd': `momentum` (=1.5)"),
+    # sgd's learning rate has no default to check the type against: a list must still be refused here.
+    ("optimizer.learning_rate", [0.1, 0.2], "`optimizer.learning_rate` (=[0.1, 0.2])"),
     ("optimizer.momentum", "high", "`optimizer.momentum`"),
     ("optimizer.accumulator_dtype", "flot32", "optimizer 'sgd': `accumulator_dtype` (='flot32')"),
     ("optimizer.learning_rate", {"schedule": "cosyne", "init_value": 0.1}, "`optimizer.learning_rate.schedule`"),
@@ -342,3 +348,8 @@ def test_bad_config_files(tmp_path, text, expected):
         path.write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_config_file(path)
+
+
+@pytest.mark.parametrize("seed", [0, 2**31, 2**32 - 1])
+def test_seeds_up_to_32_bits_are_accepted(seed):
+    assert resolve(with_key("train.seed", seed))["train"]["seed"] == seed

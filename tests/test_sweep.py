@@ -484,3 +484,38 @@ def test_cli_partial_multiprocess_flags(flags, capsys):
 
     assert main(["sweep", "configs/digits_sweep.py", *flags]) == 2
     assert "--coordinator, --num-processes and --process-id" in capsys.readouterr().err
+
+
+def test_sweep_seeds_beyond_32_bits_are_refused_naming_the_member():
+    # Seeds go through the same check as a single run's train.seed (2**32 would alias seed 0).
+    with pytest.raises(ConfigError, match=r"member 1 .*`train.seed` \(=4294967296\)"):
+        _run.make_members(tiny_config(), sweep.grid(learning_rate=[0.1], seeds=[0, 2**32]))
+
+
+@pytest.mark.parametrize("use_out", [True, False], ids=["--out", "default folder"])
+def test_cli_sweep_refuses_a_non_empty_output_folder(tmp_path, capsys, use_out):
+    # A second sweep into the same folder would overwrite the table and leave the first one's plots.
+    from optlab.cli import main
+
+    out = tmp_path / "old" if use_out else tmp_path / "sweep-digits_sweep"  # the default: <output.dir>/sweep-<config>
+    (out / "plots").mkdir(parents=True)
+    (out / "results.csv").write_text("earlier results\n")
+    (out / "plots" / "train_seed.png").write_bytes(b"old plot")
+    where = ["--out", str(out)] if use_out else ["--set", f"output.dir={tmp_path}"]
+    code = main(["sweep", "configs/digits_sweep.py", "--set", "train.epochs=1", *where])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and f"{out} already exists" in err and "--out" in err
+    assert (out / "results.csv").read_text() == "earlier results\n"
+    assert sorted(p.name for p in out.rglob("*")) == ["plots", "results.csv", "train_seed.png"]
+
+
+def test_cli_sweep_into_an_empty_existing_folder_is_fine(tmp_path, capsys):
+    from optlab.cli import main
+
+    out = tmp_path / "empty"
+    out.mkdir()
+    shrink = ["--set", "data.limit_train=128", "--set", "model.hidden=[16]", "--set", "output.plots=False"]
+    code = main(["sweep", "configs/digits_sweep.py", "--set", "train.epochs=1", *shrink, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "results.csv").is_file()

@@ -343,6 +343,13 @@ def test_skip_nonfinite_rides_over_divergence(tmp_path):
     assert int(skip_state.count) == 32
     # Skipped steps leave the weights alone, so they stay finite.
     assert all(np.all(np.isfinite(x)) for _, x in _leaves(result["state"].params))
+    # Each epoch record counts its skipped steps; they add up to the optimizer state's count.
+    skipped = [h["skipped_steps"] for h in result["history"]]
+    assert skipped[:2] == [0, 0] and sum(skipped) == int(skip_state.total_skips)
+    assert all(s < 8 for s in skipped)  # a whole epoch skipped would have been a divergence
+    header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("skipped_steps")
+    assert [int(r.split(",")[column]) for r in rows] == skipped
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,3 +497,133 @@ def test_evaluation_uses_batchnorm_running_averages(bn_run):
     by_1000 = jax.jit(make_evaluate(exp.eval_step, 1000))(state, exp.test_images, exp.test_labels)
     assert float(by_7["accuracy"]) == float(by_1000["accuracy"]) == pytest.approx(bn_run["final"]["test_accuracy"])
     assert float(by_7["loss"]) == pytest.approx(float(by_1000["loss"]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Audit fixes: run-folder claims, divergence that only shows in the parameters or the test
+# loss, resumes with damaged checkpoints or a log ahead of its checkpoint
+
+
+class _FrozenClock:
+    """Stands in for the `datetime` module in optlab.train._fit: every run starts in the same second."""
+
+    class datetime:  # noqa: N801 - mirrors datetime.datetime
+        @staticmethod
+        def now():
+            import datetime as real
+
+            return real.datetime(2024, 1, 2, 3, 4, 5)
+
+
+def test_a_taken_default_run_name_moves_to_the_next_free_one(tmp_path, monkeypatch):
+    # Two runs started in the same second get the same default name. The other run has just
+    # claimed the first (still empty) and a third has written into the second: this run must
+    # use neither, and the names are tried in order.
+    monkeypatch.setattr(fit_module, "datetime", _FrozenClock)
+    base = tmp_path / "digits-20240102-030405"
+    base.mkdir()
+    taken = tmp_path / "digits-20240102-030405-2"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    cfg = tiny_config(train={"epochs": 1}, output={"dir": str(tmp_path)})
+    result = fit(cfg, quiet=True)
+    assert pathlib.Path(result["run_dir"]) == tmp_path / "digits-20240102-030405-3"
+    assert list(base.iterdir()) == []  # the other run's folder is left alone
+    assert (taken / "config.json").read_text() == "{}"
+    assert json.loads((tmp_path / "digits-20240102-030405-3" / "config.json").read_text())["train"]["epochs"] == 1
+
+
+def test_a_run_that_fails_before_training_gives_its_default_name_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit_module, "datetime", _FrozenClock)
+    cfg = tiny_config(data={"batch_size": 512}, output={"dir": str(tmp_path)})  # more than the 256 examples
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        fit(cfg, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# One step per epoch (32 examples); the rate jumps from 0.05 to 3e38 after the first, so the
+# first epoch is good and checkpointed and the second one's update overflows.
+_JUMP = {"learning_rate": {"schedule": "piecewise_constant", "boundaries": [1], "values": [0.05, 3e38]}}
+NONFINITE_EPOCH = [
+    # (id, config sections, message, committed checkpoints afterwards)
+    ("parameters",  # large initial weights: the update overflows them to inf while the loss was finite
+     dict(data={"limit_train": 32}, model={"init_scale": 100.0}, optimizer=_JUMP, train={"eval_every": 10}),
+     r"the parameter norm became inf at epoch 2, step 1 of 1", [1]),
+    ("test loss",  # finite but huge weights: the evaluation's logits overflow
+     dict(data={"limit_train": 32}, optimizer=_JUMP), r"the test loss became nan at epoch 2, step 1 of 1", [1]),
+    ("every step skipped",  # 8 steps per epoch; from step 9 on at 1e30 only the first update stays finite
+     dict(optimizer={"learning_rate": {"schedule": "piecewise_constant", "boundaries": [8], "values": [0.05, 1e30]}},
+          train={"eval_every": 10, "skip_nonfinite": True}),
+     r"no step was finite \(train.skip_nonfinite skipped all 8\) at epoch 3, step 8 of 8", [1, 2]),
+]
+
+
+@pytest.mark.parametrize("sections, message, kept", [c[1:] for c in NONFINITE_EPOCH],
+                         ids=[c[0] for c in NONFINITE_EPOCH])
+def test_a_non_finite_epoch_is_divergence_and_never_checkpointed(tmp_path, sections, message, kept):
+    cfg = tiny_config(**{**sections, "train": {"epochs": 3, **sections.get("train", {})}})
+    run_dir = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=message) as info:
+        fit(cfg, run_dir=run_dir, quiet=True)
+    msg = str(info.value)
+    assert msg.startswith("training diverged: ")
+    assert f"last good checkpoint: {run_dir / 'checkpoints'}/epoch_{kept[-1]:04d}." in msg
+    assert committed_checkpoints(run_dir / "checkpoints") == kept
+    # The checkpoint the message calls good really is: finite weights, a finite test loss.
+    state, meta = restore_latest(run_dir / "checkpoints", Experiment(cfg).init())
+    assert meta["epoch"] == kept[-1]
+    assert all(np.all(np.isfinite(x)) for _, x in _leaves(state.params))
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert events[-1]["kind"] == "diverged" and events[-1]["message"] == msg
+
+
+def test_resume_with_every_checkpoint_damaged_refuses_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(train={"epochs": 2})
+    fit(cfg, run_dir=run_dir, quiet=True)
+    ckpt = run_dir / "checkpoints"
+    assert committed_checkpoints(ckpt) == [1, 2]
+    for f in ckpt.rglob("*"):  # truncate every array file; the markers still say "complete"
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.warns(RuntimeWarning, match="is damaged"):
+        with pytest.raises(FileNotFoundError, match=rf"no intact checkpoint found in {re.escape(str(ckpt))}"):
+            fit(tiny_config(train={"epochs": 3}), run_dir=run_dir, resume=True, quiet=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_drops_log_records_written_after_the_restored_checkpoint(tmp_path):
+    # Killed after logging epoch 3 but before committing its checkpoint (and halfway through a
+    # line): the resumed run writes epoch 3 again, and the log must read as if it ran once.
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(train={"epochs": 3, "log_every": 1})
+    fit(cfg, run_dir=run_dir, quiet=True)
+    log_path = run_dir / "log.jsonl"
+    uninterrupted = [json.loads(line) for line in log_path.read_text().splitlines()]
+    metrics_before = (run_dir / "metrics.csv").read_text().splitlines()
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_0003")
+    (run_dir / "checkpoints" / "epoch_0003.json").unlink()
+    with open(log_path, "a") as f:
+        f.write('{"kind": "step", "epoch": 3, "lo')
+    fit(cfg, run_dir=run_dir, resume=True, quiet=True)
+    resumed = [json.loads(line) for line in log_path.read_text().splitlines()]
+
+    def steps(records):
+        return [r for r in records if r["kind"] == "step"]
+
+    def epochs(records):
+        return [{k: r[k] for k in NUMERIC_KEYS} for r in records if r["kind"] == "epoch"]
+
+    assert [r["step"] for r in steps(resumed)] == list(range(1, 25))
+    assert steps(resumed) == steps(uninterrupted)
+    assert [r["epoch"] for r in epochs(resumed)] == [1, 2, 3]
+    assert_histories_equal(epochs(resumed), epochs(uninterrupted))
+    assert [r["resume_epoch"] for r in resumed if r["kind"] == "start"] == [0, 2]
+    # metrics.csv: the same rows (wall-clock columns aside).
+    metrics_after = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(metrics_after) == len(metrics_before) == 4
+    cols = metrics_before[0].split(",")
+    for a, b in zip(metrics_after[1:], metrics_before[1:]):
+        a, b = dict(zip(cols, a.split(","))), dict(zip(cols, b.split(",")))
+        assert [a[k] for k in NUMERIC_KEYS] == [b[k] for k in NUMERIC_KEYS]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -43,7 +44,14 @@ from optlab.train._step import (
 
 
 class DivergenceError(RuntimeError):
-    """The training loss became NaN or inf; the message says when and where the last good checkpoint is."""
+    """Training went non-finite; the message says when and where the last good checkpoint is.
+
+    Raised when the training loss becomes NaN or inf, or the test loss does at
+    the end of an epoch (both unless ``train.skip_nonfinite``); when the
+    parameters do; or when ``train.skip_nonfinite`` had to skip every step of an
+    epoch. The epoch is not checkpointed, so the checkpoint the message names
+    holds finite parameters.
+    """
 
 
 def build_optimizer(cfg: dict):
@@ -143,10 +151,71 @@ class Experiment:
         return jax.jit(self.train_epoch, donate_argnums=(0,))
 
 
-def _run_dir(cfg: dict, name_hint: str | None) -> pathlib.Path:
+def _claim_run_dir(cfg: dict, run_dir, name_hint: str | None, resume: bool) -> tuple[pathlib.Path, bool]:
+    """The run folder, created here and now; returns ``(folder, created)``.
+
+    Checking for a folder and creating it later lets two runs started in the same
+    second share one (the default name has a one-second clock). ``os.mkdir`` both
+    checks and claims, atomically: a default name that another run took moves on to
+    ``<name>-2``, ``<name>-3``, ... in that order; a name the user chose (``run_dir``
+    or ``output.name``) that holds files is an error instead, unless resuming it.
+    """
     out = cfg["output"]
-    name = out["name"] or f"{name_hint or cfg['data']['name']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    return pathlib.Path(out["dir"]) / name
+    if run_dir is not None or out["name"]:
+        path = pathlib.Path(run_dir) if run_dir is not None else pathlib.Path(out["dir"]) / out["name"]
+        if resume:
+            path.mkdir(parents=True, exist_ok=True)
+            return path, False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            return path, True
+        except FileExistsError:
+            if path.is_dir() and not any(path.iterdir()):
+                return path, False  # an empty folder made for the run (a test's tmp dir, say)
+            raise FileExistsError(
+                f"run folder {path} already exists; pass --resume to continue it or choose another name") from None
+    base = pathlib.Path(out["dir"]) / f"{name_hint or cfg['data']['name']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path, True
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def _truncate_log(path: pathlib.Path, epochs_done: int) -> None:
+    """Drop the records of epochs after ``epochs_done`` from a JSON-lines log, atomically.
+
+    A process killed after logging an epoch but before its checkpoint was committed
+    leaves records that the resumed run writes again. Records that belong to an epoch
+    (``step``, ``diverged``: 0-based ``epoch``; ``epoch``: 1-based) are kept up to the
+    restored epoch; session records (``start``, ``input_pipeline``) are kept, and a
+    line the kill cut short is dropped.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        epoch = rec.get("epoch") if isinstance(rec, dict) else None
+        if isinstance(epoch, int):
+            done = epoch if rec.get("kind") == "epoch" else epoch + 1
+            if done > epochs_done:
+                continue
+        kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _Logger:
@@ -165,12 +234,16 @@ class _Logger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
-    def epoch(self, history: list[dict]):
-        keys = list(history[0])
+    def write_csv(self, history: list[dict]):
+        # Every key of every record: a run resumed from an older optlab's history may have gained one.
+        keys = list(dict.fromkeys(k for h in history for k in h))
         with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=keys, restval="nan")
             w.writeheader()
             w.writerows(history)
+
+    def epoch(self, history: list[dict]):
+        self.write_csv(history)
         if not self.quiet:
             h = history[-1]
             line = (
@@ -197,6 +270,13 @@ class _Logger:
         self.jsonl.close()
 
 
+@jax.jit
+def _params_finite(params) -> jax.Array:
+    """Whether every floating-point leaf of ``params`` is finite (one reduction on the device)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
 def _finite_mean(x) -> float:
     """Mean over the finite entries (steps skipped by train.skip_nonfinite have NaN/inf losses)."""
     x = np.asarray(x, np.float64)
@@ -220,25 +300,36 @@ def fit(
     epoch), ``checkpoints/`` and ``plots/``. With ``resume=True`` and an
     existing ``run_dir``, training continues from the newest complete
     checkpoint; data order and step keys depend only on (seed, epoch, step),
-    so the result equals an uninterrupted run bitwise on the CPU.
+    so the result equals an uninterrupted run bitwise on the CPU, and
+    ``log.jsonl`` loses the records of epochs after that checkpoint (written
+    before a kill) so that it equals the uninterrupted run's log too. With
+    ``train.skip_nonfinite`` every epoch record has ``skipped_steps``.
     ``stop_after_epochs`` ends early (tests and time-boxed runs) as if killed
     after that many epochs in total.
 
     Raises:
       ConfigError: a bad config, before anything compiles.
-      DivergenceError: the training loss became NaN/inf (unless
-        ``train.skip_nonfinite`` rides over bad steps); the last good
-        checkpoint is kept.
+      DivergenceError: the training loss or (at the end of an epoch) the
+        test loss became NaN/inf, unless ``train.skip_nonfinite`` rides over
+        bad steps; the parameters did; or ``train.skip_nonfinite`` skipped
+        every step of an epoch. The last good checkpoint is kept.
+      FileExistsError: ``run_dir`` (or ``output.name``) holds files and
+        ``resume`` is False. A default (timestamped) name that is taken
+        becomes ``<name>-2``, ``<name>-3``, ... instead.
+      FileNotFoundError: ``resume=True`` and every committed checkpoint is
+        damaged; nothing is changed.
     """
     cfg = _config.resolve(cfg)
-    run_dir = pathlib.Path(run_dir) if run_dir is not None else _run_dir(cfg, name_hint)
+    # Claimed before the data loads: a taken folder should not cost a dataset load to report.
+    run_dir, created = _claim_run_dir(cfg, run_dir, name_hint, resume)
     ckpt_dir = run_dir / "checkpoints"
-    # Checked before the data loads: a taken folder should not cost a dataset load to report.
-    if run_dir.exists() and not resume and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another name")
-    exp = Experiment(cfg)
+    try:
+        exp = Experiment(cfg)
+    except BaseException:
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # give the name back: nothing was written
+        raise
     t = cfg["train"]
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
         try:  # keys added to optlab since the run started take their defaults
@@ -257,7 +348,6 @@ def fit(
             raise _config.ConfigError(
                 f"--resume: the config differs from the one saved in {run_dir / 'config.json'} at {diff}; "
                 "only train.epochs and output.* may change when resuming")
-    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     state = exp.init()
     history: list[dict] = []
@@ -267,7 +357,20 @@ def fit(
         if restored is not None:
             state, meta = restored
             start_epoch, history = meta["epoch"], meta["history"]
-    log = _Logger(run_dir, resume and start_epoch > 0, quiet, t["epochs"])
+        elif _checkpoint.committed(ckpt_dir):
+            # Starting over would truncate the log and prune these checkpoints: refuse, change nothing.
+            raise FileNotFoundError(
+                f"--resume: no intact checkpoint found in {ckpt_dir} (every committed one is damaged or "
+                f"unreadable, see the warnings above); nothing in {run_dir} was changed. Restore the "
+                "checkpoints, or start a new run folder to train from scratch.")
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if start_epoch > 0:
+        # Records written after the restored checkpoint (killed before the next one was
+        # committed) are written again by this run: drop them so none appears twice.
+        _truncate_log(run_dir / "log.jsonl", start_epoch)
+    log = _Logger(run_dir, start_epoch > 0, quiet, t["epochs"])
+    if history:
+        log.write_csv(history)
     log.event(kind="start", resume_epoch=start_epoch, jax=jax.__version__, backend=jax.default_backend(),
               steps_per_epoch=exp.steps_per_epoch, loop=exp.epoch_loop)
 
@@ -282,7 +385,23 @@ def fit(
               examples_per_second=timing.examples_per_second)
 
     ema_in_state = t["ema_decay"] is not None
+    skipping = t["skip_nonfinite"]
+    # skip_nonfinite is the outermost wrapper (build_optimizer): its state counts the skipped steps.
+    skips_before = int(state.opt_state.total_skips) if skipping else 0
     last_epoch = t["epochs"] if stop_after_epochs is None else min(t["epochs"], stop_after_epochs)
+
+    def diverged(event: str, epoch: int, step: int, n: int, lr: float, advice: str | None = None):
+        good = _checkpoint.committed(ckpt_dir)
+        where = f"{ckpt_dir}/epoch_{good[-1]:04d}" if good else "none (no epoch completed)"
+        if advice is None:
+            advice = ("Lower the learning rate or clip gradients (train.clip_global_norm)." if skipping else
+                      "Lower the learning rate, clip gradients (train.clip_global_norm) or set "
+                      "train.skip_nonfinite=True to ride over bad steps.")
+        msg = (f"training diverged: {event} at epoch {epoch + 1}, step {step} of {n} "
+               f"(learning rate {lr:.3g}); last good checkpoint: {where}. {advice}")
+        log.event(kind="diverged", epoch=epoch, step=step, message=msg)
+        return DivergenceError(msg)
+
     try:
         for epoch in range(start_epoch, last_epoch):
             log.progress(epoch, history[-1]["examples_per_second"] if history else None)
@@ -291,25 +410,35 @@ def fit(
             metrics = jax.device_get(metrics)  # waits for the epoch to finish
             seconds = time.perf_counter() - t0
             losses = np.asarray(metrics["loss"])
-            for i in range(0, len(losses), t["log_every"]):
+            rates = np.asarray(metrics["learning_rate"])
+            n = len(losses)
+            for i in range(0, n, t["log_every"]):
                 log.event(kind="step", epoch=epoch, step=int(epoch * exp.steps_per_epoch + i + 1),
                           **{k: float(np.asarray(v)[i]) for k, v in metrics.items()})
-            if not np.all(np.isfinite(losses)) and not t["skip_nonfinite"]:
+            # Nothing non-finite may reach a checkpoint: the newest one is what the message calls
+            # "last good". The loss is checked per step; the parameters once, at the end of the epoch
+            # (a finite loss can come with an update that overflows them).
+            if not np.all(np.isfinite(losses)) and not skipping:
                 bad = int(np.argmin(np.isfinite(losses)))
-                good = _checkpoint.committed(ckpt_dir)
-                where = f"{ckpt_dir}/epoch_{good[-1]:04d}" if good else "none (no epoch completed)"
-                msg = (f"training diverged: loss became {losses[bad]} at epoch {epoch + 1}, step {bad + 1} of "
-                       f"{len(losses)} (learning rate {float(metrics['learning_rate'][bad]):.3g}); last good checkpoint: "
-                       f"{where}. Lower the learning rate, clip gradients (train.clip_global_norm) or set "
-                       "train.skip_nonfinite=True to ride over bad steps.")
-                log.event(kind="diverged", epoch=epoch, step=bad + 1, message=msg)
-                raise DivergenceError(msg)
+                raise diverged(f"loss became {losses[bad]}", epoch, bad + 1, n, float(rates[bad]))
+            if skipping:
+                skips_now = int(state.opt_state.total_skips)
+                skipped, skips_before = skips_now - skips_before, skips_now
+                if skipped >= n:
+                    raise diverged(
+                        f"no step was finite (train.skip_nonfinite skipped all {n})", epoch, n, n, float(rates[-1]),
+                        "Skipping cannot recover from this: lower the learning rate or clip gradients "
+                        "(train.clip_global_norm).")
+            if not bool(_params_finite(state.params)):
+                norms = np.asarray(metrics["param_norm"])
+                bad = int(np.argmin(np.isfinite(norms))) if not np.all(np.isfinite(norms)) else n - 1
+                raise diverged(f"the parameter norm became {norms[bad]}", epoch, bad + 1, n, float(rates[bad]))
             record = {
                 "epoch": epoch + 1,
                 "step": int(state.step),
                 "train_loss": _finite_mean(losses),
                 "train_accuracy": _finite_mean(metrics["accuracy"]),
-                "learning_rate": float(np.asarray(metrics["learning_rate"])[-1]),
+                "learning_rate": float(rates[-1]),
                 "grad_norm": _finite_mean(metrics["grad_norm"]),
                 "update_norm": _finite_mean(metrics["update_norm"]),
                 "param_norm": float(np.asarray(metrics["param_norm"])[-1]),
@@ -319,9 +448,15 @@ def fit(
                 "test_loss": math.nan,
                 "test_accuracy": math.nan,
             }
+            if skipping:
+                record["skipped_steps"] = skipped
             if (epoch + 1) % t["eval_every"] == 0 or epoch + 1 == t["epochs"]:
                 ev = jax.device_get(evaluate(state, exp.test_images, exp.test_labels))
                 record["test_loss"], record["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
+                # train.skip_nonfinite rides over non-finite values (its skipped steps keep the weights
+                # finite, which is what a checkpoint needs): there, a NaN test loss is only recorded.
+                if not math.isfinite(record["test_loss"]) and not skipping:
+                    raise diverged(f"the test loss became {record['test_loss']}", epoch, n, n, float(rates[-1]))
                 if ema_in_state:
                     ev = jax.device_get(evaluate(state, exp.test_images, exp.test_labels, optlab.ema_of(state.opt_state)))
                     record["ema_test_accuracy"] = float(ev["accuracy"])
