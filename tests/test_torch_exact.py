@@ -62,7 +62,6 @@ NOT_APPLICABLE = {
     "fused": "torch kernel selection",
     "capturable": "CUDA-graph capture support in torch",
     "differentiable": "autograd through torch's step; optlab's update is a pure function, always differentiable",
-    "maximize": "only optlab.sgd has `maximize`; negate the gradients (optlab.scale(-1)) elsewhere",
     "decoupled_weight_decay": "torch.optim.Adam(decoupled_weight_decay=True) is AdamW: use optlab.adamw",
 }
 
@@ -248,6 +247,8 @@ WRONG_VARIANTS = [
     ("sgd/nesterov", {"nesterov": False}),
     ("sgd/momentum-dampening", {"dampening": 0.0}),
     ("sgd/maximize", {"maximize": False}),
+    ("adam/maximize-amsgrad-wd", {"maximize": False}),
+    ("rprop/maximize", {"maximize": False}),
     ("adagrad/lr_decay", {"lr_decay": 0.0}),
     ("adagrad/initial_accumulator", {"initial_accumulator_value": 0.0}),
     ("rmsprop/centered", {"centered": False}),
@@ -272,12 +273,13 @@ def test_reference_covers_every_flag():
     """The recorded table exercises each torch flag optlab claims to match, at a non-default value."""
     seen = {(c["cls"], k) for c in CASES for k, v in c["kwargs"].items() if v != CONFIG["defaults"][c["cls"]][k]}
     wanted = {
-        ("SGD", k) for k in ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
+        ("SGD", k) for k in ("momentum", "dampening", "nesterov", "weight_decay")
     } | {("Adagrad", k) for k in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps")} | {
         ("RMSprop", k) for k in ("alpha", "eps", "weight_decay", "momentum", "centered")
     } | {("Adam", k) for k in ("betas", "eps", "weight_decay", "amsgrad")} | {
         ("AdamW", k) for k in ("weight_decay", "amsgrad")
     } | {("Adadelta", k) for k in ("rho", "eps", "weight_decay")} | {("Rprop", k) for k in ("etas", "step_sizes")}
+    wanted |= {(cls, "maximize") for cls in FACTORIES}
     assert wanted <= seen, sorted(wanted - seen)
     assert {c["problem"] for c in CASES} == {"random", "quadratic", "rosenbrock"}
     assert {c["scheduler"]["cls"] for c in CASES if c["scheduler"]} == {"StepLR", "CosineAnnealingLR", "OneCycleLR"}
@@ -287,7 +289,7 @@ def _optlab_defaults(fn) -> dict:
     return {
         name: p.default
         for name, p in inspect.signature(fn).parameters.items()
-        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.KEYWORD_ONLY
+        if p.default is not inspect.Parameter.empty
     }
 
 
@@ -298,7 +300,7 @@ def test_defaults_equal_torch_defaults(cls):
     ours = _optlab_defaults(FACTORIES[cls])
     params = set(inspect.signature(FACTORIES[cls]).parameters)
     for name, value in torch_defaults.items():
-        if name in NOT_APPLICABLE and not (name == "maximize" and cls == "SGD"):
+        if name in NOT_APPLICABLE:
             continue
         if name == "betas":
             assert [ours["b1"], ours["b2"]] == pytest.approx(value), (cls, name)

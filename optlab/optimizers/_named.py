@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from optlab import _checks
 from optlab._base import GradientTransformationExtraArgs, chain, identity
 from optlab._hparams import with_hyperparams
@@ -30,6 +33,18 @@ def _check_lr(learning_rate):
 
 def _negate():
     return _scaling.scale(-1.0)
+
+
+def _ascending(tx, maximize: bool):
+    """``tx`` fed the negated gradient when ``maximize`` (torch's ``maximize=True``, which negates
+    the gradient before anything else, weight decay included); the state is ``tx``'s own."""
+    if not maximize:
+        return tx
+
+    def update_fn(updates, state, params=None, **extra):
+        return tx.update(jax.tree_util.tree_map(jnp.negative, updates), state, params, **extra)
+
+    return GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def sgd(
@@ -169,6 +184,7 @@ def adagrad(
     initial_accumulator_value=0.0,
     eps=1e-10,
     *,
+    maximize: bool = False,
     accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """AdaGrad (Duchi, Hazan & Singer, 2011), as ``torch.optim.Adagrad``.
@@ -178,6 +194,8 @@ def adagrad(
     ``accumulator_dtype`` sets the dtype of :math:`s` (float32 for bfloat16
     parameters: a sum of squares kept in bfloat16 stops growing once it is
     256 times the size of a new term).
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -195,15 +213,18 @@ def adagrad(
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, eps, lr_decay=None, initial_accumulator_value=None, weight_decay=None):
-        return chain(
-            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_adagrad(
-                0.0 if initial_accumulator_value is None else initial_accumulator_value,
-                eps,
-                0.0 if lr_decay is None else lr_decay,
-                accumulator_dtype=accumulator_dtype,
+        return _ascending(
+            chain(
+                _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+                _adaptive.scale_by_adagrad(
+                    0.0 if initial_accumulator_value is None else initial_accumulator_value,
+                    eps,
+                    0.0 if lr_decay is None else lr_decay,
+                    accumulator_dtype=accumulator_dtype,
+                ),
+                _scaling.scale_by_learning_rate(learning_rate),
             ),
-            _scaling.scale_by_learning_rate(learning_rate),
+            maximize,
         )
 
     return with_hyperparams(
@@ -225,6 +246,7 @@ def rmsprop(
     centered: bool = False,
     eps_in_sqrt: bool = False,
     *,
+    maximize: bool = False,
     accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """RMSProp (Tieleman & Hinton, 2012), as ``torch.optim.RMSprop``.
@@ -241,6 +263,8 @@ def rmsprop(
     buffer (float32 for bfloat16 parameters); the buffer then sums directions
     rounded to the parameters' dtype, as every block of a chain emits its
     update in the dtype of the gradient it was given.
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -258,13 +282,16 @@ def rmsprop(
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, alpha, eps, weight_decay=None, momentum=None):
-        return chain(
-            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_rms(
-                alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt, accumulator_dtype=accumulator_dtype
+        return _ascending(
+            chain(
+                _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+                _adaptive.scale_by_rms(
+                    alpha, eps, centered=centered, eps_in_sqrt=eps_in_sqrt, accumulator_dtype=accumulator_dtype
+                ),
+                _momentum.trace(momentum, accumulator_dtype=accumulator_dtype) if momentum is not None else identity(),
+                _scaling.scale_by_learning_rate(learning_rate),
             ),
-            _momentum.trace(momentum, accumulator_dtype=accumulator_dtype) if momentum is not None else identity(),
-            _scaling.scale_by_learning_rate(learning_rate),
+            maximize,
         )
 
     return with_hyperparams(
@@ -286,6 +313,7 @@ def adam(
     amsgrad: bool = False,
     bias_correction: bool = True,
     *,
+    maximize: bool = False,
     mu_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """Adam (Kingma & Ba, 2015) with coupled L2 weight decay, as ``torch.optim.Adam``.
@@ -297,6 +325,8 @@ def adam(
     ``bias_correction=False`` is the lectures' Adam without bias correction;
     ``amsgrad=True`` is AMSGrad (Reddi et al., 2018) as PyTorch implements it.
     ``mu_dtype`` sets the moments' dtype (float32 moments for bfloat16 weights).
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -314,10 +344,13 @@ def adam(
     _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
-        return chain(
-            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_adam(b1, b2, eps, bias_correction=bias_correction, amsgrad=amsgrad, mu_dtype=mu_dtype),
-            _scaling.scale_by_learning_rate(learning_rate),
+        return _ascending(
+            chain(
+                _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+                _adaptive.scale_by_adam(b1, b2, eps, bias_correction=bias_correction, amsgrad=amsgrad, mu_dtype=mu_dtype),
+                _scaling.scale_by_learning_rate(learning_rate),
+            ),
+            maximize,
         )
 
     return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
@@ -331,6 +364,7 @@ def adamw(
     weight_decay=1e-2,
     amsgrad: bool = False,
     *,
+    maximize: bool = False,
     mu_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
@@ -338,6 +372,8 @@ def adamw(
     .. math:: w_t = w_{t-1} - \\eta \\Big(\\frac{\\hat m_t}{\\sqrt{\\hat v_t} + \\epsilon} + \\lambda w_{t-1}\\Big)
 
     The decay is scaled by the learning rate (and its schedule), as in PyTorch.
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -355,17 +391,20 @@ def adamw(
     _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
-        return chain(
-            _adaptive.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype),
-            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _scaling.scale_by_learning_rate(learning_rate),
+        return _ascending(
+            chain(
+                _adaptive.scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype),
+                _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+                _scaling.scale_by_learning_rate(learning_rate),
+            ),
+            maximize,
         )
 
     return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
 
 
 def adadelta(
-    learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, accumulator_dtype=None
+    learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize: bool = False, accumulator_dtype=None
 ) -> GradientTransformationExtraArgs:
     """AdaDelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
 
@@ -376,6 +415,8 @@ def adadelta(
 
     ``accumulator_dtype`` sets the dtype of :math:`r` and :math:`a` (float32
     for bfloat16 parameters).
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -392,22 +433,27 @@ def adadelta(
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, rho, eps, weight_decay=None):
-        return chain(
-            _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-            _adaptive.scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype),
-            _scaling.scale_by_learning_rate(learning_rate),
+        return _ascending(
+            chain(
+                _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
+                _adaptive.scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype),
+                _scaling.scale_by_learning_rate(learning_rate),
+            ),
+            maximize,
         )
 
     return with_hyperparams(build, learning_rate=learning_rate, rho=rho, eps=eps, weight_decay=_off(weight_decay))
 
 
-def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> GradientTransformationExtraArgs:
+def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize: bool = False) -> GradientTransformationExtraArgs:
     """Rprop (Riedmiller & Braun, 1993), as ``torch.optim.Rprop``: steps on the first call.
 
     ``learning_rate`` is the initial per-weight step size; after that each
     weight's step grows by ``etas[1]`` while its gradient keeps its sign and
     shrinks by ``etas[0]`` when it flips, within ``step_sizes``. Meant for
     full-batch training. See `optlab.transforms.scale_by_rprop`.
+    ``maximize=True`` ascends: the gradient is negated before anything else
+    (weight decay included), as with torch's ``maximize``.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -424,7 +470,7 @@ def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)) -> Gradi
     _checks.check_learning_rate(learning_rate, positive=True)
 
     def build(learning_rate, etas, step_sizes):
-        return _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)
+        return _ascending(_adaptive.scale_by_rprop(learning_rate, etas, step_sizes), maximize)
 
     _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)  # validates the pairs' values
     return with_hyperparams(build, learning_rate=learning_rate, etas=etas, step_sizes=step_sizes)

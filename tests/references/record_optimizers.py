@@ -80,12 +80,15 @@ CASES = [
     case("adagrad/lr_decay", "Adagrad", lr=0.1, lr_decay=0.01),
     case("adagrad/weight_decay", "Adagrad", lr=0.1, weight_decay=0.1),
     case("adagrad/initial_accumulator", "Adagrad", lr=0.1, initial_accumulator_value=0.5, eps=1e-6),
+    case("adagrad/maximize-wd", "Adagrad", lr=0.1, weight_decay=0.1, maximize=True),
     # --- RMSprop ---------------------------------------------------------------------------
     case("rmsprop/defaults", "RMSprop"),
     case("rmsprop/centered", "RMSprop", lr=0.01, centered=True),
     case("rmsprop/momentum", "RMSprop", lr=0.01, momentum=0.9),
     case("rmsprop/weight_decay", "RMSprop", lr=0.01, weight_decay=0.1),
     case("rmsprop/centered-momentum", "RMSprop", lr=0.005, alpha=0.9, eps=1e-6, centered=True, momentum=0.8),
+    case("rmsprop/maximize-centered-momentum-wd", "RMSprop", lr=0.005, centered=True, momentum=0.5, weight_decay=0.1,
+         maximize=True),
     # --- Adam / AdamW ----------------------------------------------------------------------
     case("adam/defaults", "Adam"),
     case("adam/betas-eps", "Adam", lr=0.01, betas=(0.8, 0.99), eps=1e-6),
@@ -95,12 +98,16 @@ CASES = [
     case("adamw/defaults", "AdamW"),
     case("adamw/weight_decay", "AdamW", lr=0.01, weight_decay=0.1),
     case("adamw/amsgrad", "AdamW", lr=0.01, weight_decay=0.05, amsgrad=True),
+    case("adam/maximize-amsgrad-wd", "Adam", lr=0.01, weight_decay=0.05, amsgrad=True, maximize=True),
+    case("adamw/maximize", "AdamW", lr=0.01, weight_decay=0.1, maximize=True),
     # --- Adadelta --------------------------------------------------------------------------
     case("adadelta/defaults", "Adadelta"),
     case("adadelta/weight_decay", "Adadelta", lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.1),
+    case("adadelta/maximize-wd", "Adadelta", lr=0.5, weight_decay=0.1, maximize=True),
     # --- Rprop -----------------------------------------------------------------------------
     case("rprop/defaults", "Rprop"),
     case("rprop/etas-step_sizes", "Rprop", lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2)),
+    case("rprop/maximize", "Rprop", lr=0.05, maximize=True),
     # --- gradients that depend on the parameters -------------------------------------------
     case("quadratic/sgd-nesterov", "SGD", "quadratic", lr=0.1, momentum=0.9, nesterov=True),
     case("quadratic/sgd-dampening-wd", "SGD", "quadratic", lr=0.2, momentum=0.5, dampening=0.5, weight_decay=0.01),
