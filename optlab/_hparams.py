@@ -40,6 +40,63 @@ from optlab._base import (
 from optlab.schedules._core import Schedule, real_dtype
 
 
+_KINDS = {
+    "learning_rate": _checks.check_learning_rate,
+    "positive_learning_rate": lambda value: _checks.check_learning_rate(value, positive=True),
+    "probability": _checks.check_probability,  # [0, 1): betas, decay rates
+    "unit": lambda name, value: _checks.check_range(name, value, 0.0, 1.0),  # [0, 1]
+    "nonnegative": _checks.check_nonnegative,
+    "positive": _checks.check_positive,
+}
+
+
+@jax.tree_util.register_pytree_node_class
+class Limits:
+    """The allowed range of each hyperparameter of a named optimizer: ``{name: kind}``.
+
+    A pytree node without leaves: it sits in the optimizer state as static
+    structure, so `set_hyperparams` can check new values against the same
+    ranges the optimizer function checked when it was built (one table per
+    optimizer, used for both). Kinds: ``learning_rate`` (finite, >= 0),
+    ``positive_learning_rate``, ``probability`` ([0, 1)), ``unit`` ([0, 1]),
+    ``nonnegative``, ``positive``.
+    """
+
+    def __init__(self, kinds: dict | tuple):
+        self.kinds = tuple(dict(kinds).items())
+        unknown = sorted({k for _, k in self.kinds} - set(_KINDS))
+        if unknown:
+            raise ValueError(f"unknown limit kind(s) {unknown}; choose from {sorted(_KINDS)}")
+
+    def check(self, values: dict) -> None:
+        """Raise for a concrete value out of its range; traced values and None (a feature off) pass."""
+        for name, kind in self.kinds:
+            value = values.get(name)
+            if value is None:
+                continue
+            if kind.endswith("learning_rate"):
+                _KINDS[kind](value)
+            else:
+                _KINDS[kind](name, value)
+
+    def tree_flatten(self):
+        return (), self.kinds
+
+    @classmethod
+    def tree_unflatten(cls, kinds, children):
+        del children
+        return cls(kinds)
+
+    def __eq__(self, other):
+        return isinstance(other, Limits) and other.kinds == self.kinds
+
+    def __hash__(self):
+        return hash(self.kinds)
+
+    def __repr__(self):
+        return f"Limits({dict(self.kinds)})"
+
+
 class HyperparamsState(NamedTuple):
     """State of an optimizer built by `with_hyperparams`.
 
@@ -52,12 +109,16 @@ class HyperparamsState(NamedTuple):
         value for step 0 before any update).
       schedules: the `Schedule` of each scheduled hyperparameter (data too).
       inner_state: the state of the update rule itself.
+      limits: the named optimizer's `Limits` (no arrays: static structure),
+        against which `set_hyperparams` checks new values; None for a
+        `with_hyperparams` built by hand.
     """
 
     count: jax.Array | None
     hyperparams: dict
     schedules: dict
     inner_state: Any
+    limits: Limits | None = None
 
 
 def _as_hparam(name: str, value: Any) -> jax.Array:
@@ -97,6 +158,16 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
       >>> float(optlab.hyperparams(state)["lr"])
       0.10000000149011612
     """
+    return with_limited_hyperparams(build, None, **hyperparams)
+
+
+def with_limited_hyperparams(build: Callable[..., Any], limits: Limits | None, **hyperparams: Any):
+    """`with_hyperparams` for a named optimizer whose hyperparameters have allowed ranges.
+
+    The optimizer function checks its arguments with ``limits.check`` first
+    (on the values as given, before a literal 0 switches a feature off); the
+    same ``limits`` are kept in every state for `set_hyperparams`.
+    """
     absent = {k for k, v in hyperparams.items() if v is None}
     # A plain callable becomes a parameterless Schedule: the function is static
     # (part of the tree structure), so set_hyperparams rejects a number for it
@@ -132,7 +203,7 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         schedules = tree_copy(scheduled)
         vals = values_at(count, tree_copy(numeric), schedules)
         inner = make(vals)
-        return HyperparamsState(count, vals, schedules, inner.init(params))
+        return HyperparamsState(count, vals, schedules, inner.init(params), limits)
 
     def update_fn(updates, state, params=None, **extra_args):
         # Fail with both structures shown, not deep inside a tree_map of some block.
@@ -147,7 +218,7 @@ def with_hyperparams(build: Callable[..., Any], **hyperparams: Any) -> GradientT
         vals = values_at(state.count, numeric_now, state.schedules)
         inner = make(vals)
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        return updates, HyperparamsState(safe_increment(state.count), vals, state.schedules, inner_state)
+        return updates, HyperparamsState(safe_increment(state.count), vals, state.schedules, inner_state, limits)
 
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -225,10 +296,10 @@ def set_hyperparams(state, group: str | None = None, **values):
     hyperparameter takes a `Schedule` of the same structure as the old one.
     With parameter groups, every group that has the hyperparameter is changed
     unless ``group`` names one. Values are copied (a step that donates the
-    state does not free the caller's arrays). Their *ranges* are checked where
-    the update rule is built: an eager ``update`` raises for ``b1=1.0``, but a
-    jitted one only sees a traced value and computes NaN, as the state holds
-    no record of the optimizer's limits.
+    state does not free the caller's arrays). Concrete values are checked
+    against the ranges the optimizer function checks (its `Limits`, kept in
+    the state), so ``b1=1.0`` for Adam is a ``ValueError`` here, not NaN in a
+    jitted step; traced values (inside ``jit`` or ``vmap``) cannot be checked.
 
     Example:
       >>> import jax.numpy as jnp, optlab
@@ -256,6 +327,9 @@ def set_hyperparams(state, group: str | None = None, **values):
             f"unknown hyperparameter(s) {unknown}; this optimizer state has {sorted(known)}"
             " (a feature switched off with a literal 0 is compiled out: build it with an array to make it settable)"
         )
+    for _, s in found:
+        if isinstance(s.limits, Limits):
+            s.limits.check(values)
     replacements = {id(s): _replace(s, values) for _, s in found}
 
     def rebuild(node):

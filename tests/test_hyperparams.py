@@ -385,9 +385,19 @@ def _scheduled_state():
             ValueError,
             ["learning_rate", "structure"],
         ),
+        # Ranges: the limits the optimizer function checks, kept in the state.
+        (lambda: optlab.adam(0.1).init(PARAMS), dict(b1=1.0), ValueError, [r"`b1` \(=1.0\) must be in \[0.0, 1.0\)"]),
+        (_sgd_state, dict(learning_rate=-0.1), ValueError, [r"`learning_rate` \(=-0.1\)"]),
+        (_sgd_state, dict(learning_rate=float("inf")), ValueError, [r"`learning_rate` \(=inf\)"]),
+        (lambda: optlab.sgd(0.1, momentum=0.9).init(PARAMS), dict(momentum=1.5), ValueError, [r"`momentum` \(=1.5\)"]),
+        (lambda: optlab.rmsprop(0.1).init(PARAMS), dict(alpha=1.0), ValueError, [r"`alpha` \(=1.0\)"]),
+        (lambda: optlab.rprop().init(PARAMS), dict(learning_rate=0.0), ValueError, [r"`learning_rate` \(=0.0\)"]),
+        (lambda: optlab.swats().init(PARAMS), dict(b2=-0.5), ValueError, [r"`b2` \(=-0.5\)"]),
+        (lambda: optlab.lbfgs(0.1).init(PARAMS), dict(learning_rate=0.0), ValueError, [r"`learning_rate` \(=0.0\)"]),
     ],
     ids=[
-        "unknown", "compiled-out", "schedule-to-number", "number-to-schedule", "shape", "string", "group", "structure"
+        "unknown", "compiled-out", "schedule-to-number", "number-to-schedule", "shape", "string", "group", "structure",
+        "adam-b1", "sgd-negative-lr", "sgd-inf-lr", "sgd-momentum", "rmsprop-alpha", "rprop-lr", "swats-b2", "lbfgs-lr",
     ],
 )
 def test_set_hyperparams_errors(make_state, kwargs, exc, fragments):
@@ -395,6 +405,23 @@ def test_set_hyperparams_errors(make_state, kwargs, exc, fragments):
         optlab.set_hyperparams(make_state(), **kwargs)
     for fragment in fragments:
         assert re.search(fragment, str(info.value)), str(info.value)
+
+
+def test_limits_are_structure_not_data():
+    # No extra leaves, and two optimizers of one kind share a tree structure (one jit
+    # cache entry, interchangeable checkpoints) whatever their hyperparameter values.
+    a, b = optlab.adam(0.1).init(PARAMS), optlab.adam(0.01, b1=0.5).init(PARAMS)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    assert len(jax.tree_util.tree_leaves(a)) == len(jax.tree_util.tree_leaves(a._replace(limits=None)))
+
+
+def test_set_hyperparams_checks_only_concrete_values():
+    # Inside jit the value is traced and cannot be checked; a hand-built with_hyperparams has no limits.
+    state = optlab.adam(0.1).init(PARAMS)
+    out = jax.jit(lambda s, b1: optlab.set_hyperparams(s, b1=b1))(state, jnp.float32(1.0))
+    assert float(optlab.hyperparams(out)["b1"]) == 1.0
+    own = optlab.with_hyperparams(lambda lr: optlab.scale(-lr), lr=0.1).init(PARAMS)
+    assert float(optlab.hyperparams(optlab.set_hyperparams(own, lr=-5.0))["lr"]) == -5.0
 
 
 def test_hyperparams_of_a_state_without_any():

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from optlab import _checks
 from optlab._base import GradientTransformationExtraArgs, check_same_structure, count_dtype, safe_increment
-from optlab._hparams import with_hyperparams
+from optlab._hparams import Limits, with_limited_hyperparams
 
 LINE_SEARCHES = ("strong_wolfe", None)
 
@@ -256,6 +256,10 @@ def _two_loop_direction(grad, s_hist, y_hist, rho, num_pairs, gamma):
 # --- the optimizer ---------------------------------------------------------------------------
 
 
+# The one hyperparameter kept in the state; set_hyperparams checks new values against it.
+LBFGS_LIMITS = Limits({"learning_rate": "positive_learning_rate"})
+
+
 def lbfgs(
     learning_rate=1.0,
     memory_size: int = 10,
@@ -338,7 +342,7 @@ def lbfgs(
       >>> print(jnp.round(params, 3))
       [1. 1.]
     """
-    _checks.check_learning_rate(learning_rate, positive=True)
+    LBFGS_LIMITS.check(locals())
     _checks.check_int("memory_size", memory_size, minimum=1)
     _checks.check_choice("line_search", line_search, LINE_SEARCHES)
     _checks.check_nonnegative("tolerance_grad", tolerance_grad)
@@ -352,7 +356,7 @@ def lbfgs(
             learning_rate, memory_size, line_search, tolerance_grad, tolerance_change, max_line_search_evals
         )
 
-    return with_hyperparams(build, learning_rate=learning_rate)
+    return with_limited_hyperparams(build, LBFGS_LIMITS, learning_rate=learning_rate)
 
 
 def _flat_dtype(flat):

@@ -1,8 +1,10 @@
 """The named optimizers: short chains of building blocks with their hyperparameters in the state.
 
-Each function validates its (concrete) arguments, then hands a ``build``
-function and the numeric hyperparameters to `with_hyperparams`, which keeps
-them in the optimizer state as data (see ``optlab/_hparams.py``). A literal
+Each function validates its (concrete) arguments against its table of
+`Limits`, then hands a ``build`` function, the numeric hyperparameters and the
+limits to `with_limited_hyperparams`, which keeps them in the optimizer state
+(the values as data, the limits as static structure that `set_hyperparams`
+checks new values against; see ``optlab/_hparams.py``). A literal
 ``0`` for an optional feature (weight decay, momentum) compiles it out; pass an
 array to keep it in and make it settable. Defaults are PyTorch's.
 """
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 
 from optlab import _checks
 from optlab._base import GradientTransformationExtraArgs, chain, identity
-from optlab._hparams import with_hyperparams
+from optlab._hparams import Limits, with_limited_hyperparams
 from optlab.transforms import _adaptive, _momentum, _scaling
 
 ScalarOrSchedule = Any
@@ -27,8 +29,24 @@ def _off(value):
     return None if _checks.is_zero(value) else value
 
 
-def _check_lr(learning_rate):
-    _checks.check_learning_rate(learning_rate)
+# The allowed range of each hyperparameter, per optimizer: checked when the optimizer is
+# built (`LIMITS.check(locals())` checks every argument named in it) and by set_hyperparams.
+_LR = {"learning_rate": "learning_rate"}
+SGD_LIMITS = Limits({**_LR, "momentum": "unit", "dampening": "unit", "weight_decay": "nonnegative"})
+MOMENTUM_LIMITS = Limits({**_LR, "momentum": "probability"})
+ADAGRAD_LIMITS = Limits(
+    {**_LR, "lr_decay": "nonnegative", "weight_decay": "nonnegative", "initial_accumulator_value": "nonnegative",
+     "eps": "nonnegative"}
+)
+RMSPROP_LIMITS = Limits(
+    {**_LR, "alpha": "probability", "eps": "nonnegative", "weight_decay": "nonnegative", "momentum": "probability"}
+)
+ADAM_LIMITS = Limits({**_LR, "b1": "probability", "b2": "probability", "eps": "nonnegative", "weight_decay": "nonnegative"})
+ADADELTA_LIMITS = Limits({**_LR, "rho": "probability", "eps": "nonnegative", "weight_decay": "nonnegative"})
+RPROP_LIMITS = Limits({"learning_rate": "positive_learning_rate"})
+GAINS_LIMITS = Limits(
+    {**_LR, "increase": "nonnegative", "decrease": "probability", "min_gain": "positive", "max_gain": "positive"}
+)
 
 
 def _negate():
@@ -80,10 +98,7 @@ def sgd(
       >>> [round(w, 4) for w in params["w"].tolist()]  # w - 0.1 * 2w (the buffer starts as g)
       [0.8, -1.6]
     """
-    _check_lr(learning_rate)
-    _checks.check_range("momentum", momentum, 0.0, 1.0)
-    _checks.check_range("dampening", dampening, 0.0, 1.0)
-    _checks.check_nonnegative("weight_decay", weight_decay)
+    SGD_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
     if nesterov:
         m, d = _checks.concrete(momentum), _checks.concrete(dampening)
@@ -104,8 +119,9 @@ def sgd(
         )
 
     mom = _off(momentum)
-    return with_hyperparams(
+    return with_limited_hyperparams(
         build,
+        SGD_LIMITS,
         learning_rate=learning_rate,
         momentum=mom,
         dampening=None if mom is None else _off(dampening),
@@ -134,13 +150,13 @@ def classical_momentum(
       >>> round(float(updates["w"][0]), 4)  # v_2 = 0.9 * (-0.1) - 0.1
       -0.19
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("momentum", momentum)
+    MOMENTUM_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
-    return with_hyperparams(
+    return with_limited_hyperparams(
         lambda learning_rate, momentum: _momentum.scale_by_classical_momentum(
             learning_rate, momentum, accumulator_dtype=accumulator_dtype
         ),
+        MOMENTUM_LIMITS,
         learning_rate=learning_rate,
         momentum=momentum,
     )
@@ -165,13 +181,13 @@ def nesterov_momentum(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # (1 + mu) * v_1, v_1 = -lr * g
       [-0.19, 0.38]
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("momentum", momentum)
+    MOMENTUM_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
-    return with_hyperparams(
+    return with_limited_hyperparams(
         lambda learning_rate, momentum: _momentum.scale_by_nesterov_momentum(
             learning_rate, momentum, accumulator_dtype=accumulator_dtype
         ),
+        MOMENTUM_LIMITS,
         learning_rate=learning_rate,
         momentum=momentum,
     )
@@ -205,11 +221,7 @@ def adagrad(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # first step: -lr * g / |g|
       [-0.1, 0.1]
     """
-    _check_lr(learning_rate)
-    _checks.check_nonnegative("lr_decay", lr_decay)
-    _checks.check_nonnegative("weight_decay", weight_decay)
-    _checks.check_nonnegative("initial_accumulator_value", initial_accumulator_value)
-    _checks.check_nonnegative("eps", eps)
+    ADAGRAD_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, eps, lr_decay=None, initial_accumulator_value=None, weight_decay=None):
@@ -227,8 +239,9 @@ def adagrad(
             maximize,
         )
 
-    return with_hyperparams(
+    return with_limited_hyperparams(
         build,
+        ADAGRAD_LIMITS,
         learning_rate=learning_rate,
         lr_decay=_off(lr_decay),
         initial_accumulator_value=_off(initial_accumulator_value),
@@ -274,11 +287,7 @@ def rmsprop(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # g / sqrt((1 - alpha) g^2) = 10 sign(g)
       [-0.1, 0.1]
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("alpha", alpha)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_nonnegative("weight_decay", weight_decay)
-    _checks.check_probability("momentum", momentum)
+    RMSPROP_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, alpha, eps, weight_decay=None, momentum=None):
@@ -294,8 +303,9 @@ def rmsprop(
             maximize,
         )
 
-    return with_hyperparams(
+    return with_limited_hyperparams(
         build,
+        RMSPROP_LIMITS,
         learning_rate=learning_rate,
         alpha=alpha,
         eps=eps,
@@ -336,11 +346,7 @@ def adam(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # bias-corrected first step: -lr * g / |g|
       [-0.1, 0.1]
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("b1", b1)
-    _checks.check_probability("b2", b2)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_nonnegative("weight_decay", weight_decay)
+    ADAM_LIMITS.check(locals())
     _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
@@ -353,7 +359,9 @@ def adam(
             maximize,
         )
 
-    return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
+    return with_limited_hyperparams(
+        build, ADAM_LIMITS, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay)
+    )
 
 
 def adamw(
@@ -383,11 +391,7 @@ def adamw(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # -lr * (g / |g| + wd * w)
       [-0.15, 0.2]
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("b1", b1)
-    _checks.check_probability("b2", b2)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_nonnegative("weight_decay", weight_decay)
+    ADAM_LIMITS.check(locals())
     _checks.check_float_dtype("mu_dtype", mu_dtype)
 
     def build(learning_rate, b1, b2, eps, weight_decay=None):
@@ -400,7 +404,9 @@ def adamw(
             maximize,
         )
 
-    return with_hyperparams(build, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay))
+    return with_limited_hyperparams(
+        build, ADAM_LIMITS, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=_off(weight_decay)
+    )
 
 
 def adadelta(
@@ -426,10 +432,7 @@ def adadelta(
       >>> [round(u, 5) for u in updates["w"].tolist()]  # first step: about -sqrt(eps / (1 - rho)) sign(g)
       [-0.00316, 0.00316]
     """
-    _check_lr(learning_rate)
-    _checks.check_probability("rho", rho)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_nonnegative("weight_decay", weight_decay)
+    ADADELTA_LIMITS.check(locals())
     _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
     def build(learning_rate, rho, eps, weight_decay=None):
@@ -442,7 +445,9 @@ def adadelta(
             maximize,
         )
 
-    return with_hyperparams(build, learning_rate=learning_rate, rho=rho, eps=eps, weight_decay=_off(weight_decay))
+    return with_limited_hyperparams(
+        build, ADADELTA_LIMITS, learning_rate=learning_rate, rho=rho, eps=eps, weight_decay=_off(weight_decay)
+    )
 
 
 def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize: bool = False) -> GradientTransformationExtraArgs:
@@ -467,13 +472,13 @@ def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maxim
       >>> steps
       [-0.1, -0.12, -0.144]
     """
-    _checks.check_learning_rate(learning_rate, positive=True)
+    RPROP_LIMITS.check(locals())
 
     def build(learning_rate, etas, step_sizes):
         return _ascending(_adaptive.scale_by_rprop(learning_rate, etas, step_sizes), maximize)
 
     _adaptive.scale_by_rprop(learning_rate, etas, step_sizes)  # validates the pairs' values
-    return with_hyperparams(build, learning_rate=learning_rate, etas=etas, step_sizes=step_sizes)
+    return with_limited_hyperparams(build, RPROP_LIMITS, learning_rate=learning_rate, etas=etas, step_sizes=step_sizes)
 
 
 def adaptive_gains(
@@ -495,7 +500,7 @@ def adaptive_gains(
       >>> [round(u, 4) for u in updates["w"].tolist()]  # gains 1 + 0.05 (same sign), 1 * 0.95 (flipped)
       [-0.105, -0.19]
     """
-    _check_lr(learning_rate)
+    GAINS_LIMITS.check(locals())
 
     def build(learning_rate, increase, decrease, min_gain, max_gain):
         return chain(
@@ -503,7 +508,9 @@ def adaptive_gains(
             _scaling.scale_by_learning_rate(learning_rate),
         )
 
-    _adaptive.scale_by_adaptive_gains(increase, decrease, min_gain, max_gain)  # validates
-    return with_hyperparams(
-        build, learning_rate=learning_rate, increase=increase, decrease=decrease, min_gain=min_gain, max_gain=max_gain
+    _adaptive.scale_by_adaptive_gains(increase, decrease, min_gain, max_gain)  # validates min_gain <= max_gain
+    return with_limited_hyperparams(
+        build,
+        GAINS_LIMITS,
+        learning_rate=learning_rate, increase=increase, decrease=decrease, min_gain=min_gain, max_gain=max_gain
     )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from optlab import _checks
 from optlab.schedules._core import real_dtype
 from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, step_counter, tree_vdot, tree_zeros_like
-from optlab._hparams import with_hyperparams
+from optlab._hparams import Limits, with_limited_hyperparams
 
 
 def _map(fn, *trees):
@@ -103,6 +103,12 @@ def scale_by_swats(learning_rate, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransfo
     return GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+# Checked when swats is built and by set_hyperparams (scale_by_swats checks the same when it is built).
+SWATS_LIMITS = Limits(
+    {"learning_rate": "positive_learning_rate", "b1": "probability", "b2": "probability", "eps": "nonnegative"}
+)
+
+
 def swats(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransformationExtraArgs:
     """SWATS optimizer (Keskar & Socher, 2017): Adam that switches to SGD with the rate it estimated.
 
@@ -117,8 +123,8 @@ def swats(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-9) -> GradientTransformat
       >>> [round(u, 4) for u in updates["w"].tolist()]  # it starts as Adam: -lr * g / |g|
       [-0.1, 0.1]
     """
-    scale_by_swats(learning_rate, b1, b2, eps)  # validates
-    return with_hyperparams(scale_by_swats, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+    SWATS_LIMITS.check(locals())
+    return with_limited_hyperparams(scale_by_swats, SWATS_LIMITS, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def swats_status(state) -> dict:
