@@ -31,7 +31,8 @@ import orbax.checkpoint as ocp
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Replace ``path``'s contents all at once: a kill leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -76,7 +77,7 @@ def save(folder: str | os.PathLike, epoch: int, state: Any, meta: dict, keep: in
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(target.absolute(), state)
     ckptr.wait_until_finished()
-    _atomic_write_text(marker, json.dumps({"epoch": epoch, **meta, "files": _digests(target)}))
+    atomic_write_text(marker, json.dumps({"epoch": epoch, **meta, "files": _digests(target)}))
     for old in committed(folder)[:-keep]:
         shutil.rmtree(folder / f"epoch_{old:04d}", ignore_errors=True)
         (folder / f"epoch_{old:04d}.json").unlink(missing_ok=True)

@@ -210,12 +210,7 @@ def _truncate_log(path: pathlib.Path, epochs_done: int) -> None:
             if done > epochs_done:
                 continue
         kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _checkpoint.atomic_write_text(path, "".join(kept))
 
 
 class _Logger:
