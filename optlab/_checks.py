@@ -130,14 +130,14 @@ def check_float_dtype(name: str, value: Any) -> np.dtype | None:
     return dtype
 
 
-def check_learning_rate(value: Any, *, positive: bool = False) -> None:
+def check_learning_rate(value: Any, *, positive: bool = False, name: str = "learning_rate") -> None:
     """A learning rate given as a number or array: finite, and >= 0 (> 0 with ``positive``).
 
     Schedules (callables) are checked by the schedule functions themselves.
     """
     if callable(value):
         return
-    check_range("learning_rate", value, 0.0, math.inf, lo_open=positive, hi_open=True)
+    check_range(name, value, 0.0, math.inf, lo_open=positive, hi_open=True)
 
 
 def check_pair(name: str, value: Any) -> tuple:

@@ -40,9 +40,10 @@ from optlab._base import (
 from optlab.schedules._core import Schedule, real_dtype
 
 
+# kind -> check(name, value)
 _KINDS = {
-    "learning_rate": _checks.check_learning_rate,
-    "positive_learning_rate": lambda value: _checks.check_learning_rate(value, positive=True),
+    "learning_rate": lambda name, value: _checks.check_learning_rate(value, name=name),
+    "positive_learning_rate": lambda name, value: _checks.check_learning_rate(value, positive=True, name=name),
     "probability": _checks.check_probability,  # [0, 1): betas, decay rates
     "unit": lambda name, value: _checks.check_range(name, value, 0.0, 1.0),  # [0, 1]
     "nonnegative": _checks.check_nonnegative,
@@ -72,11 +73,7 @@ class Limits:
         """Raise for a concrete value out of its range; traced values and None (a feature off) pass."""
         for name, kind in self.kinds:
             value = values.get(name)
-            if value is None:
-                continue
-            if kind.endswith("learning_rate"):
-                _KINDS[kind](value)
-            else:
+            if value is not None:
                 _KINDS[kind](name, value)
 
     def tree_flatten(self):
