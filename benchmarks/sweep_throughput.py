@@ -91,8 +91,7 @@ def build(model: str, members: int, strategy: str, steps: int, devices: list, ch
     exp = _run.Experiment(expanded[0].config)
     states = [_run._member_state(m, exp)[1] for m in expanded]
     nd = len(devices)
-    per = chunk_size if strategy == "chunked" else 1
-    padded = states + [states[-1]] * ((-len(states)) % (nd * per))  # as run() pads a piece
+    padded = states + [states[-1]] * ((-len(states)) % nd)  # as run() pads a piece: to whole devices
     program = _run._GroupProgram(exp, strategy, chunk_size, devices)
     stacked = program.place(_run._stack(padded))
     t0 = time.perf_counter()

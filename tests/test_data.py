@@ -797,6 +797,36 @@ def test_augment_crop_is_a_shift(fill):
     assert {abs(dy) for dy, _ in shifts} >= {0, 4} and {abs(dx) for _, dx in shifts} >= {0, 4}
 
 
+@pytest.mark.parametrize(
+    ("dtype", "fill", "match"),
+    [
+        (np.uint8, -1, r"`fill` \(=-1\).*uint8.*\[0, 255\]"),  # would wrap to 255 (white, not black)
+        (np.uint8, 256, r"`fill` \(=256\).*uint8.*\[0, 255\]"),
+        (np.uint8, 0.5, r"`fill` \(=0\.5\).*uint8.*\[0, 255\]"),  # would truncate to 0
+        (np.uint8, [0, 128, 300], r"`fill` \(=\[0, 128, 300\]\).*uint8.*\[0, 255\]"),  # per channel
+        (np.int8, 128, r"`fill` \(=128\).*int8.*\[-128, 127\]"),
+        (np.float16, 1e6, r"`fill` \(=1000000\.0\).*float16"),  # would overflow to inf
+    ],
+)
+def test_augment_fill_must_be_representable_in_the_image_dtype(dtype, fill, match):
+    with pytest.raises(ValueError, match=match):
+        data.augment_cifar(jax.random.key(0), np.ones((8, 5, 5, 3), dtype), padding=3, fill=fill)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill"),
+    [(np.uint8, 255), (np.uint8, 7.0), (np.uint8, np.array([0, 128, 255])), (np.int8, -128),
+     (np.float32, -1.5), (np.float16, 60000.0)],
+)
+def test_augment_fill_in_range_pads_with_exactly_that_value(dtype, fill):
+    out = np.asarray(data.augment_cifar(jax.random.key(0), np.ones((8, 5, 5, 3), dtype), padding=3, fill=fill))
+    assert out.dtype == dtype
+    fills = np.broadcast_to(np.asarray(fill, dtype), (3,))
+    for ch in range(3):  # every pixel is the image's 1 or the channel's fill, and some are the fill
+        values = set(out[..., ch].ravel().tolist())
+        assert values <= {1, fills[ch].item()} and fills[ch].item() in values
+
+
 def test_augment_flip_actually_flips():
     images = np.random.default_rng(1).random((256, 32, 32, 3), dtype=np.float32)
     out = np.asarray(data.augment_cifar(jax.random.key(9), images, padding=0))

@@ -461,6 +461,35 @@ def test_bad_arguments():
             flatten(optlab.sgd(0.1), max_packed_size=bad)
 
 
+def _mixed_layout():
+    # Leaves in key order: a, b (packed in "float32", 7 elements), h ("bfloat16", 2), t (apart: one element).
+    tree = {"a": jnp.ones(3), "b": jnp.ones(4), "h": jnp.ones(2, jnp.bfloat16), "t": jnp.ones((1, 1))}
+    layout = FlatLayout(tree)
+    flat = layout.pack(tree)
+    assert sorted(flat) == ["bfloat16", "float32", "leaf00003"]
+    return layout, flat
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "error", "match"),
+    [
+        ("float32", jnp.ones(7, jnp.int32), TypeError, r"buffer 'float32' is int32\[7\].*expects float32\[7\]"),
+        ("float32", jnp.ones(12), ValueError, r"buffer 'float32' is float32\[12\].*expects float32\[7\]"),
+        ("float32", jnp.ones(5), ValueError, r"buffer 'float32' is float32\[5\].*expects float32\[7\]"),
+        ("float32", jnp.ones((7, 1)), ValueError, r"buffer 'float32' is float32\[7, 1\].*expects float32\[7\]"),
+        ("bfloat16", jnp.ones(2), TypeError, r"buffer 'bfloat16' is float32\[2\].*expects bfloat16\[2\]"),
+        ("leaf00003", jnp.ones(1), ValueError, r"buffer 'leaf00003' is float32\[1\].*expects float32\[1, 1\]"),
+        ("leaf00003", jnp.ones((1, 1), jnp.int32), TypeError, r"buffer 'leaf00003' is int32\[1, 1\]"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_unpack_checks_each_buffer_dtype_and_size(key, bad, error, match, jit):
+    layout, flat = _mixed_layout()
+    unpack = jax.jit(layout.unpack) if jit else layout.unpack  # under jit: raised while tracing
+    with pytest.raises(error, match=match):
+        unpack({**flat, key: bad})
+
+
 # --- IEEE exactness on random layouts, FMA contraction off -------------------------------------
 
 _RANDOM_TREES_SCRIPT = textwrap.dedent(

@@ -672,6 +672,10 @@ BAD_INPUT = [
     ("init", MLP, dict(_MLP, init="glorot"), ValueError, r"`init` \(='glorot'\).*'he_normal'"),
     ("init-type", ConvNet, dict(init=3), TypeError, r"`init` \(=3\)"),
     ("init-scale", ConvNet, dict(init_scale=-1.0), ValueError, r"`init_scale` \(=-1.0\)"),
+    # An infinite scale would make every initial weight inf or nan: the scale must be finite.
+    ("init-scale-inf", MLP, dict(_MLP, init_scale=float("inf")), ValueError, r"`init_scale` \(=inf\) must be in \(0"),
+    ("init-scale-inf-cnn", CNN, dict(init_scale=np.float32("inf")), ValueError, r"`init_scale` \(=inf\)"),
+    ("init-scale-nan", ResNet9, dict(init_scale=float("nan")), ValueError, r"`init_scale` \(=nan\)"),
     ("activation", MLP, dict(_MLP, activation="swish2"), ValueError, r"`activation` \(='swish2'\).*'relu'"),
     ("batchnorm", CNN, dict(batchnorm="middle"), ValueError, r"`batchnorm` \(='middle'\).*'before'"),
     ("dropout", CNN, dict(dropout=1.0), ValueError, r"`dropout` \(=1.0\)"),

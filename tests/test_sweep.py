@@ -182,8 +182,8 @@ def test_strategy_matches_solo_fit(strategy, solo):
     res = cached_sweep(strategy, strategy=strategy, num_devices=1, chunk_size=4)
     assert [r["member"] for r in res.rows] == list(range(len(MEMBERS)))
     assert res.info["groups"][0]["strategy"] == strategy
-    if strategy == "chunked":  # 6 members in chunks of 4: two pieces, the second padded
-        assert res.info["groups"][0]["pieces"] == 2
+    if strategy == "chunked":  # 6 members on one device: one piece, a chunk of 4 then one of 2, no copies
+        assert (res.info["groups"][0]["pieces"], res.info["groups"][0]["padding"]) == (1, 0)
     for i in SOLO_CHECKED:
         row = res.rows[i]
         assert row["optimizer.learning_rate"] == MEMBERS[i]["learning_rate"]
@@ -294,6 +294,70 @@ def test_auto_strategy_on_the_cpu(model, members, devices, expected):
     cfg = resolve({**tiny_config(), "model": {"name": model}})
     assert _run.choose_strategy(cfg, members, "auto", devices) == expected
     assert _run.choose_strategy(cfg, members, "chunked", devices) == "chunked"  # forced strategies stay
+
+
+@pytest.mark.parametrize(
+    ("members", "num_devices", "chunk_size", "max_in_flight", "expected"),
+    # expected: (devices used, trainings run at once, pieces, padding copies trained).
+    [
+        (6, 8, 4, None, (6, 6, 1, 0)),  # one member a device: chunks of 1, nothing padded (was 24 at once)
+        (6, 8, 4, 2, (2, 2, 3, 0)),  # the cap of 2 members at once holds: 2 devices, 3 pieces
+        (6, 4, 2, 4, (3, 3, 2, 0)),  # 3 + 3 on 3 devices rather than 4 + 2 padded up to chunks of 2
+        (5, 2, 4, None, (2, 6, 1, 1)),  # 3 + 3 over 2 devices: one copy, not a chunk of 4 per device
+        (5, 2, 4, 6, (2, 6, 1, 1)),  # the same within a cap of 6
+        (6, 2, 2, None, (2, 6, 1, 0)),  # 3 a device: a chunk of 2 and a chunk of 1, no copy
+    ],
+)
+def test_chunked_honours_max_in_flight_without_padding_chunks(
+    monkeypatch, members, num_devices, chunk_size, max_in_flight, expected
+):
+    seen = _capture_program_io(monkeypatch)
+    res = sweep.run(tiny_config(), MEMBERS[:members], strategy="chunked", num_devices=num_devices,
+                    chunk_size=chunk_size, max_in_flight=max_in_flight, quiet=True)
+    group = res.info["groups"][0]
+    used, at_once, pieces, padding = expected
+    assert (group["devices"], group["in_flight"], group["pieces"], group.get("padding")) == expected
+    if max_in_flight is not None:
+        assert group["in_flight"] <= max_in_flight
+    # What the compiled epoch really received: `pieces` stacks of `at_once` members, twice (two epochs).
+    assert len(seen["in"]) == 2 * pieces
+    for state in seen["in"]:
+        for leaf in jax.tree_util.tree_leaves(state.params):
+            assert leaf.shape[0] == at_once
+            assert len(leaf.sharding.device_set) == used
+    assert pieces * at_once - members == padding
+    ref = cached_sweep("map", strategy="map", num_devices=1)  # the same members, one after another
+    for i in range(members):
+        for got, want in zip(params(res.states[i]), params(ref.states[i]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.curves["test_loss"], ref.curves["test_loss"][:members], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "n", "devices", "error", "match"),
+    [
+        ({"model": {"name": "mlp"}}, 0, 1, ValueError, r"`n` \(=0\) must be >= 1"),
+        ({"model": {"name": "mlp"}}, -3, 1, ValueError, r"`n` \(=-3\) must be >= 1"),
+        ({"model": {"name": "mlp"}}, 2.5, 1, TypeError, r"`n` \(=2\.5\) must be an integer"),
+        ({"model": {"name": "mlp"}}, True, 1, TypeError, r"`n` \(=True\) must be an integer"),
+        ({"model": {"name": "mlp"}}, 4, 0, ValueError, r"`devices` \(=0\) must be >= 1"),
+        ({"model": {"name": "mlp"}}, 4, -1, ValueError, r"`devices` \(=-1\) must be >= 1"),
+        ({"model": {"name": "mlp"}}, 4, 1.0, TypeError, r"`devices` \(=1\.0\) must be an integer"),
+        (["mlp"], 4, 1, TypeError, r"`cfg` \(=\['mlp'\]\) must be a config dict"),
+        ({"model": "mlp"}, 4, 1, TypeError, r"`cfg\[\"model\"\]` \(='mlp'\) must be a dict"),
+    ],
+)
+@pytest.mark.parametrize("requested", ["auto", "vmap"])
+def test_choose_strategy_rejects_bad_arguments(cfg, n, devices, error, match, requested):
+    with pytest.raises(error, match=match):
+        _run.choose_strategy(cfg, n, requested, devices)
+
+
+def test_choose_strategy_takes_integral_numbers_and_the_default_model():
+    conv = {"model": {"name": "convnet"}}
+    assert _run.choose_strategy(conv, np.int64(4), "auto", np.int32(2)) == "map"  # numpy integers are integers
+    # No model section: the default model (an MLP), as `run` resolves it, not a KeyError.
+    assert _run.choose_strategy({}, 4, "auto") == _run.choose_strategy({"model": {"name": "mlp"}}, 4, "auto") == "vmap"
 
 
 # ---------------------------------------------------------------- divergence
@@ -410,6 +474,12 @@ def test_init_sweep_one_group(solo):
         ([{"learning_rate": 0.1}], {"strategy": "pmap"}, ValueError, r"`strategy` \(='pmap'\)"),
         ([{"learning_rate": 0.1}], {"chunk_size": 0}, ValueError, r"`chunk_size` \(=0\)"),
         ([{"learning_rate": 0.1}], {"max_in_flight": 0}, ValueError, r"`max_in_flight` \(=0\)"),
+        # A bool is not a count (True would silently mean 1), nor is a float.
+        ([{"learning_rate": 0.1}], {"chunk_size": True}, TypeError, r"`chunk_size` \(=True\) must be an integer"),
+        ([{"learning_rate": 0.1}], {"num_devices": True}, TypeError, r"`num_devices` \(=True\) must be an integer"),
+        ([{"learning_rate": 0.1}], {"num_devices": False}, TypeError, r"`num_devices` \(=False\) must be an integer"),
+        ([{"learning_rate": 0.1}], {"max_in_flight": True}, TypeError, r"`max_in_flight` \(=True\) must be an integer"),
+        ([{"learning_rate": 0.1}], {"chunk_size": 2.0}, TypeError, r"`chunk_size` \(=2\.0\) must be an integer"),
     ],
 )
 def test_bad_input_fails_before_anything_compiles(monkeypatch, members, kwargs, error, match):
@@ -456,6 +526,40 @@ def test_report_files_and_ensemble(tmp_path):
 def test_ensemble_needs_two_members():
     with pytest.raises(ValueError, match=r"`n` \(=1\)"):
         sweep.ensemble(tiny_config(), 1)
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "match"),
+    [
+        (1, ValueError, r"`n` \(=1\) must be >= 2"),
+        (0, ValueError, r"`n` \(=0\) must be >= 2"),
+        (np.int64(-2), ValueError, r"`n` \(=-2\) must be >= 2"),
+        (True, TypeError, r"`n` \(=True\) must be an integer"),
+        (2.0, TypeError, r"`n` \(=2\.0\) must be an integer"),
+        (np.float64(3), TypeError, r"`n` \(=(np\.float64\()?3\.0\)?\) must be an integer"),
+        ("3", TypeError, r"`n` \(='3'\) must be an integer"),
+    ],
+)
+def test_ensemble_rejects_bad_n(monkeypatch, n, error, match):
+    monkeypatch.setattr("optlab.sweep._ensemble.run", lambda *a, **k: pytest.fail("trained despite a bad `n`"))
+    with pytest.raises(error, match=match):
+        sweep.ensemble(tiny_config(), n)
+
+
+@pytest.mark.parametrize("n", [2, np.int64(3), np.uint8(4)])
+def test_ensemble_accepts_integral_n(monkeypatch, n):
+    class Trained(Exception):
+        pass
+
+    def fake_run(config, members, **kwargs):  # stop before training: only the member list matters here
+        raise Trained(members)
+
+    monkeypatch.setattr("optlab.sweep._ensemble.run", fake_run)
+    cfg = tiny_config()
+    cfg["train"]["seed"] = 7
+    with pytest.raises(Trained) as got:
+        sweep.ensemble(cfg, n)
+    assert got.value.args[0] == [{"seed": s} for s in range(7, 7 + int(n))]
 
 
 def test_cli_sweep(tmp_path, capsys):

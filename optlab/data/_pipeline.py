@@ -86,7 +86,9 @@ def normalize(images: Any, mode: str, stats: Stats | tuple | None = None):
       :func:`channel_stats` on the training set.
 
     A numpy array gives a numpy array; a jax array (or tracer, inside ``jit``)
-    gives a jax array. ``mode`` must be a Python string.
+    gives a jax array. ``mode`` must be a Python string. The two can differ
+    in the last bit or two for some pixels: XLA computes ``x / 255`` as
+    ``x * (1 / 255)``, where numpy divides.
 
     Example:
       >>> import numpy as np
@@ -233,8 +235,10 @@ def augment_cifar(key, images, *, padding: int = 4, flip: bool = True, fill: Any
     number of leading batch axes; the result has the same shape and dtype.
     Apply it to uint8 or unit-scaled images *before* standardising to match
     torchvision exactly (padding is black); after standardising, pass
-    ``fill=normalize(zero_pixel, ...)`` per channel to get the same. Jitted;
-    same key, same result.
+    ``fill=normalize(zero_pixel, ...)`` per channel to get the same. ``fill``
+    must be representable in the images' dtype (e.g. an integer in
+    ``[0, 255]`` for uint8): a ``ValueError`` otherwise. Jitted; same key,
+    same result.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -247,7 +251,34 @@ def augment_cifar(key, images, *, padding: int = 4, flip: bool = True, fill: Any
     images = jnp.asarray(images)
     if images.ndim < 4:
         raise ValueError(f"`images` must be (..., H, W, C) with at least one batch axis, got shape {images.shape}")
+    _check_fill(fill, images.dtype)
     return _augment(key, images, fill, int(padding), bool(flip))
+
+
+def _check_fill(fill: Any, dtype) -> None:
+    """Refuse a ``fill`` that casting to the images' dtype would change (-1 wraps to 255 in uint8)."""
+    if is_traced(fill):
+        return
+    try:
+        values = np.asarray(fill)
+    except Exception:  # noqa: BLE001 - left to the cast in _augment, which names the problem itself
+        return
+    if values.dtype.kind not in "biuf":
+        raise TypeError(f"`fill` (={fill!r}) must be a number or an array of numbers")
+    values = values.astype(np.float64)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biu":
+        lo, hi = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        ok = (values == np.round(values)) & (values >= lo) & (values <= hi)
+        rule = f"an integer in [{lo}, {hi}]"
+    elif dtype.kind == "f" or jnp.issubdtype(dtype, jnp.floating):
+        hi = float(jnp.finfo(dtype).max)
+        ok = ~np.isfinite(values) | (np.abs(values) <= hi)
+        rule = f"in [{-hi}, {hi}]"
+    else:
+        return
+    if not np.all(ok):
+        raise ValueError(f"`fill` (={fill!r}) is not representable in the images' dtype {dtype}: it must be {rule}")
 
 
 # --------------------------------------------------------------------------

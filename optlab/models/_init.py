@@ -13,13 +13,14 @@ convolution kernel ``(kh, kw, in, out)`` (Flax's HWIO) has
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from optlab._checks import check_positive
+from optlab._checks import check_range
 
 Initializer = Callable[..., jax.Array]
 
@@ -96,7 +97,7 @@ def get_initializer(name: str, scale: float = 1.0) -> Initializer:
     Raises:
       TypeError: ``name`` is not a string.
       ValueError: ``name`` is unknown (the message lists the valid names), or
-        ``scale`` is not positive.
+        ``scale`` is not a finite positive number.
 
     Example:
       >>> import jax
@@ -108,7 +109,8 @@ def get_initializer(name: str, scale: float = 1.0) -> Initializer:
         raise TypeError(f"`init` (={name!r}) must be a string, one of {', '.join(map(repr, INIT_NAMES))}")
     if name not in _KERNEL_INITS:
         raise ValueError(f"`init` (={name!r}) must be one of {', '.join(map(repr, INIT_NAMES))}")
-    check_positive("init_scale", scale)
+    # Finite as well as positive: an infinite scale turns every initial weight into inf or nan.
+    check_range("init_scale", scale, 0.0, math.inf, lo_open=True, hi_open=True)
     base = _KERNEL_INITS[name][0]
     if isinstance(scale, (int, float)) and scale == 1:
         return base

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optlab._checks import check_int
 from optlab.sweep._run import run
 from optlab.sweep._spec import grid
 
@@ -25,8 +26,10 @@ def ensemble(config: dict, n: int, **run_kwargs) -> dict:
       >>> sorted(out), len(out["member_accuracies"]), 0 <= out["ensemble_accuracy"] <= 1
       (['ensemble_accuracy', 'member_accuracies', 'sweep'], 2, True)
     """
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(f"an ensemble needs `n` (={n!r}) >= 2 members")
+    check_int("n", n)  # any integral number (numpy integers too), never a bool or a float
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"`n` (={n}) must be >= 2: an ensemble averages at least two members")
     base_seed = config.get("train", {}).get("seed", 0)
     result = run(config, grid(seeds=list(range(base_seed, base_seed + n))), **run_kwargs)
     exp = result.experiments[0]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optlab import config as _config
+from optlab._checks import check_int
 from optlab.sweep._spec import expand_key, set_path
 from optlab.train._fit import Experiment, build_model, build_optimizer
 from optlab.train._step import init_state
@@ -198,7 +199,10 @@ def _has_conv(cfg) -> bool:
 
 
 def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
-    """``auto``: batched on accelerators; on the CPU ``map`` for convolutions and large groups.
+    """The strategy for ``n`` members (an integer >= 1) on ``devices`` devices (>= 1).
+
+    ``auto``: batched on accelerators; on the CPU ``map`` for convolutions and large groups.
+    A ``cfg`` without a ``"model"`` section means the default model (an MLP).
 
     On the CPU, batching members multiplies every activation by their number:
     past a few members per device they leave the caches, and XLA turns
@@ -214,6 +218,13 @@ def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
       >>> [sweep.choose_strategy(mlp, n, "auto") for n in (1, 4)], sweep.choose_strategy(mlp, 4, "chunked")
       (['map', 'vmap'], 'chunked')
     """
+    if not isinstance(cfg, dict):
+        raise TypeError(f"`cfg` (={cfg!r}) must be a config dict")
+    model = cfg.get("model", {})  # no model section: the default model, as `run` resolves the config
+    if not isinstance(model, dict):
+        raise TypeError(f'`cfg["model"]` (={model!r}) must be a dict')
+    check_int("n", n, 1)
+    check_int("devices", devices, 1)
     if requested not in STRATEGIES:
         raise ValueError(f"`strategy` (={requested!r}) must be one of {STRATEGIES}")
     if requested != "auto":
@@ -222,7 +233,8 @@ def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
         return "map"
     if jax.default_backend() != "cpu":
         return "vmap"
-    return "map" if _has_conv(cfg) or math.ceil(n / devices) > 8 else "vmap"
+    name = model.get("name", _config.default_config()["model"]["name"])
+    return "map" if _has_conv({"model": {"name": name}}) or math.ceil(int(n) / int(devices)) > 8 else "vmap"
 
 
 def devices_for(n: int, devices: list) -> list:
@@ -234,6 +246,53 @@ def devices_for(n: int, devices: list) -> list:
     """
     per_device = math.ceil(n / len(devices))
     return devices[: math.ceil(n / per_device)]
+
+
+class Plan(NamedTuple):
+    """How a group of members is split into sequential pieces, each sharded over ``devices``."""
+
+    devices: int  # devices used
+    per_device: int  # trainings on each device in a piece (members, and copies padding the piece)
+    pieces: int  # pieces run one after another
+    members_per_piece: int  # real members in each piece (the last may hold fewer)
+
+    @property
+    def in_flight(self) -> int:
+        return self.devices * self.per_device
+
+
+def plan_pieces(n: int, num_devices: int, cap: int | None) -> Plan:
+    """Split ``n`` members into pieces of at most ``cap`` trainings at once over ``num_devices`` devices.
+
+    Every piece has the same shape (one compiled program), ``devices * per_device``
+    trainings; a piece short of that is padded with copies of its last member.
+    ``cap=None`` (all members fit): one piece on the fewest devices that keep
+    ``ceil(n / devices)`` members on each (`devices_for`). Otherwise
+    ``devices * per_device <= cap``, choosing, over the number of devices, the
+    least sequential work per device (``pieces * per_device``), then the
+    fewest padding copies, pieces and devices.
+
+    Example:
+      >>> from optlab.sweep._run import plan_pieces
+      >>> plan_pieces(6, 8, None), plan_pieces(6, 8, 2).in_flight
+      (Plan(devices=6, per_device=1, pieces=1, members_per_piece=6), 2)
+    """
+    if cap is None:
+        per_device = math.ceil(n / num_devices)
+        used = math.ceil(n / per_device)
+        return Plan(used, math.ceil(n / used), 1, n)
+    best, best_cost = None, None
+    for d in range(1, min(num_devices, cap) + 1):
+        k = min(math.ceil(n / d), cap // d)
+        pieces = math.ceil(n / (d * k))
+        per_piece = math.ceil(n / pieces)  # balanced pieces: 3 + 3, not 4 + 2 and two copies
+        per_device = math.ceil(per_piece / d)
+        used = math.ceil(per_piece / per_device)
+        plan = Plan(used, per_device, pieces, per_piece)
+        cost = (pieces * per_device, pieces * plan.in_flight - n, pieces, used)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = plan, cost
+    return best
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
@@ -260,13 +319,18 @@ class _GroupProgram:
                 return jax.vmap(one)(states)
             if strategy == "map":
                 return jax.lax.map(one, states)
+            # Chunks of c members each vmapped, one after another; members that do not fill a last
+            # chunk run as one smaller vmapped chunk rather than padded with copies that train for nothing.
             m = jax.tree_util.tree_leaves(states)[0].shape[0]
             c = max(1, min(chunk, m))
-            if m % c:
-                raise ValueError(f"chunked strategy: {m} members per device is not a multiple of chunk {c}")
-            chunks = jax.tree_util.tree_map(lambda x: x.reshape((m // c, c) + x.shape[1:]), states)
-            out = jax.lax.map(jax.vmap(one), chunks)
-            return jax.tree_util.tree_map(lambda x: x.reshape((m,) + x.shape[2:]), out)
+            full, rest = divmod(m, c)
+            head = jax.tree_util.tree_map(lambda x: x[: full * c].reshape((full, c) + x.shape[1:]), states)
+            out = jax.lax.map(jax.vmap(one), head)
+            out = jax.tree_util.tree_map(lambda x: x.reshape((full * c,) + x.shape[2:]), out)
+            if rest:
+                tail = jax.vmap(one)(jax.tree_util.tree_map(lambda x: x[full * c :], states))
+                out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+            return out
 
         def local_eval(states, images, labels):
             return jax.vmap(lambda s: exp.evaluate(s, images, labels))(states)
@@ -350,29 +414,35 @@ def run(
       config: a config dict (as ``get_config()`` returns).
       members: from `grid`, `random` or `zip`: dicts of hyperparameter name -> value.
       strategy: ``"auto"``, ``"vmap"``, ``"map"`` or ``"chunked"`` (see the module docstring).
-      chunk_size: members per vmapped chunk for ``"chunked"``.
+      chunk_size: members per vmapped chunk for ``"chunked"`` (at most: a device holding fewer
+        members vmaps them all; members short of a whole chunk run as one smaller last chunk).
       num_devices: local devices to shard members over (default: all).
-      max_in_flight: members run at once (default: what fits in memory).
+      max_in_flight: most members trained at once, over all devices, copies padding a piece to
+        whole devices included (default: what fits in memory); more members run in pieces.
+        ``info["groups"]`` records each group's ``devices``, ``in_flight``, ``pieces`` and
+        ``padding`` (copies trained to fill the pieces).
       out_dir: where to write ``results.csv``, ``results.md``, ``curves.npz``, plots.
       plots: draw the plots into ``out_dir`` (default: the config's ``output.plots``).
     """
     t_start = time.perf_counter()
     expanded = make_members(config, members)
     available = jax.local_devices()
+    # Counts are integers (numpy ones too); a bool would silently mean 1, so it is refused.
     if num_devices is None:
         devices = available
     else:
-        if not isinstance(num_devices, int) or num_devices < 1:
-            raise ValueError(f"`num_devices` (={num_devices!r}) must be a positive integer")
+        check_int("num_devices", num_devices, 1)
+        num_devices = int(num_devices)
         if num_devices > len(available):
             raise ValueError(f"`num_devices` (={num_devices}) exceeds the {len(available)} local devices")
         devices = available[:num_devices]
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` (={strategy!r}) must be one of {STRATEGIES}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` (={chunk_size!r}) must be a positive integer")
-    if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
-        raise ValueError(f"`max_in_flight` (={max_in_flight!r}) must be a positive integer")
+    check_int("chunk_size", chunk_size, 1)
+    chunk_size = int(chunk_size)
+    if max_in_flight is not None:
+        check_int("max_in_flight", max_in_flight, 1)
+        max_in_flight = int(max_in_flight)
 
     groups: dict[str, list[Member]] = {}
     for m in expanded:
@@ -391,8 +461,7 @@ def run(
         exp = Experiment(group[0].config)
         if any(m.config["train"]["epochs"] != epochs for m in group):
             raise _config.ConfigError("all members of a sweep must train for the same number of epochs")
-        group_devices = devices_for(len(group), devices)
-        strat = choose_strategy(exp.cfg, len(group), strategy, len(group_devices))
+        strat = choose_strategy(exp.cfg, len(group), strategy, len(devices_for(len(group), devices)))
         states, ref_def = [], None
         for m in group:
             graphdef, st = _member_state(m, exp)
@@ -407,20 +476,20 @@ def run(
                 )
             states.append(st)
         in_flight = _in_flight(exp, states[0], len(group), max_in_flight, strat)
-        # Round the pieces to whole multiples of the device count (padding repeats the last member).
-        nd = len(group_devices)
-        if in_flight >= len(group):  # all fit: one piece (7 members on 2 devices: 4 + 3 and one copy)
-            per_piece = math.ceil(len(group) / nd) * nd
+        # A user's `max_in_flight` is a hard cap on trainings at once, padding copies included. Members
+        # that all fit in memory run as one piece, padded up to whole devices (7 members on 2: 4 + 3
+        # and one copy); `chunked` splits each device's members itself, so it never pads to chunks.
+        if max_in_flight is not None:
+            cap = max_in_flight
         else:
-            per_piece = max(nd, (in_flight // nd) * nd)
-        if strat == "chunked":
-            per_piece = max(per_piece, nd * chunk_size)
-            per_piece -= per_piece % (nd * chunk_size)
-        program = _GroupProgram(exp, strat, chunk_size, group_devices)
-        n_pieces = math.ceil(len(group) / per_piece)
-        for p in range(n_pieces):
-            idx = list(range(p * per_piece, min(len(group), (p + 1) * per_piece)))
-            padded = idx + [idx[-1]] * ((-len(idx)) % (nd * (chunk_size if strat == "chunked" else 1)))
+            cap = None if in_flight >= len(group) else in_flight
+        plan = plan_pieces(len(group), len(devices), cap)
+        nd = plan.devices
+        program = _GroupProgram(exp, strat, chunk_size, devices[:nd])
+        for p in range(plan.pieces):
+            start = p * plan.members_per_piece
+            idx = list(range(start, min(len(group), start + plan.members_per_piece)))
+            padded = idx + [idx[-1]] * (plan.in_flight - len(idx))
             stacked = program.place(_stack([states[i] for i in padded]))
             alive = np.ones(len(padded), bool)
             died = {}
@@ -463,8 +532,8 @@ def run(
                     "diverged_at_step": died[j]["step"] if j in died else None,
                 }
         info["groups"].append({
-            "group": gi, "members": len(group), "strategy": strat, "devices": nd, "in_flight": per_piece,
-            "pieces": n_pieces,
+            "group": gi, "members": len(group), "strategy": strat, "devices": nd, "in_flight": plan.in_flight,
+            "pieces": plan.pieces, "padding": plan.pieces * plan.in_flight - len(group),
             "seconds": time.perf_counter() - g0,
         })
     info["seconds"] = time.perf_counter() - t_start

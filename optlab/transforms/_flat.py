@@ -134,6 +134,12 @@ class FlatLayout:
             self.buffers[key] = (i,)
             slots[i] = _Slot(key, 0, _size(self.shapes[i]), self.shapes[i], True)
         self.slots: tuple[_Slot, ...] = tuple(slots)  # type: ignore[arg-type]
+        # What unpack accepts under each key: a packed buffer is 1-D, a leaf kept apart keeps its shape.
+        self._expected: dict[str, tuple[tuple, np.dtype]] = {}
+        for key, idx in self.buffers.items():
+            first = self.slots[idx[0]]
+            shape = first.shape if first.alone else (sum(self.slots[i].size for i in idx),)
+            self._expected[key] = (shape, self.dtypes[idx[0]])
 
     @property
     def num_leaves(self) -> int:
@@ -157,6 +163,17 @@ class FlatLayout:
         if not isinstance(flat, dict) or set(flat) != set(self.buffers):
             got = sorted(flat) if isinstance(flat, dict) else type(flat).__name__
             raise ValueError(f"expected a flat tree with keys {sorted(self.buffers)}, got {got}")
+        # Static shapes and dtypes only (read while tracing): nothing is added to the compiled program.
+        for key, buf in flat.items():
+            shape, dtype = self._expected[key]
+            got_shape, got_dtype = tuple(np.shape(buf)), np.dtype(jnp.result_type(buf))
+            if got_shape != shape or got_dtype != dtype:
+                error = TypeError if got_dtype != dtype else ValueError
+                raise error(
+                    f"flat buffer {key!r} is {got_dtype.name}{list(got_shape)}, but this layout expects "
+                    f"{dtype.name}{list(shape)} ({_size(shape)} elements): unpack takes what pack made "
+                    "from a tree of the layout's structure, shapes and dtypes"
+                )
         leaves = []
         for s in self.slots:
             buf = flat[s.key]
