@@ -176,7 +176,10 @@ def jax_runner(tx, params, grads):
 
 
 def torch_runner(cls_name: str, kwargs: dict, params, grads, mode: str, threads: int, device: str = "cpu"):
-    """``run(n)`` of ``torch.optim.<cls>(..., foreach=True | fused=True)`` on ``device``, or None where torch lacks it."""
+    """``run(n)`` of ``torch.optim.<cls>(..., foreach=True | fused=True)`` on ``device``.
+
+    None where torch lacks the class or the mode.
+    """
     try:
         import torch
     except ImportError:
@@ -270,7 +273,10 @@ def measure_tree(tree_name, params, optimizers, rounds, target_s, roof_gbps, tor
             if k not in rec:
                 return "n/a"
             r, s = rec[k]["ratio_to_optax"]
-            threads = f", {rec[k]['threads']}t" if "threads" in rec[k] else (f", {rec[k]['device']}" if "device" in rec[k] else "")
+            if "threads" in rec[k]:
+                threads = f", {rec[k]['threads']}t"
+            else:
+                threads = f", {rec[k]['device']}" if "device" in rec[k] else ""
             return f"{fmt_time(rec[k]['median'])} ({fmt_ratio(r, s)}{threads})"
 
         rows.append(

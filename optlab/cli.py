@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "map", "chunked"])
     p.add_argument("--devices", type=int, default=None, help="local devices to shard members over (default: all)")
-    p.add_argument("--max-in-flight", type=int, default=None, help="most members trained at once over all devices, padding copies included (default: what fits)")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="most members trained at once over all devices, padding copies included (default: what fits)",
+    )
     p.add_argument("--out", help="output folder (default: runs/sweep-<config>)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process sweep: process 0's address")
     p.add_argument("--num-processes", type=int, help="multi-process sweep: how many processes take part")

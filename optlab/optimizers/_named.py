@@ -41,7 +41,9 @@ ADAGRAD_LIMITS = Limits(
 RMSPROP_LIMITS = Limits(
     {**_LR, "alpha": "probability", "eps": "nonnegative", "weight_decay": "nonnegative", "momentum": "probability"}
 )
-ADAM_LIMITS = Limits({**_LR, "b1": "probability", "b2": "probability", "eps": "nonnegative", "weight_decay": "nonnegative"})
+ADAM_LIMITS = Limits(
+    {**_LR, "b1": "probability", "b2": "probability", "eps": "nonnegative", "weight_decay": "nonnegative"}
+)
 ADADELTA_LIMITS = Limits({**_LR, "rho": "probability", "eps": "nonnegative", "weight_decay": "nonnegative"})
 RPROP_LIMITS = Limits({"learning_rate": "positive_learning_rate"})
 GAINS_LIMITS = Limits(
@@ -353,7 +355,9 @@ def adam(
         return _ascending(
             chain(
                 _scaling.add_decayed_weights(weight_decay) if weight_decay is not None else identity(),
-                _adaptive.scale_by_adam(b1, b2, eps, bias_correction=bias_correction, amsgrad=amsgrad, mu_dtype=mu_dtype),
+                _adaptive.scale_by_adam(
+                    b1, b2, eps, bias_correction=bias_correction, amsgrad=amsgrad, mu_dtype=mu_dtype
+                ),
                 _scaling.scale_by_learning_rate(learning_rate),
             ),
             maximize,
@@ -410,7 +414,13 @@ def adamw(
 
 
 def adadelta(
-    learning_rate: ScalarOrSchedule = 1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize: bool = False, accumulator_dtype=None
+    learning_rate: ScalarOrSchedule = 1.0,
+    rho=0.9,
+    eps=1e-6,
+    weight_decay=0.0,
+    *,
+    maximize: bool = False,
+    accumulator_dtype=None,
 ) -> GradientTransformationExtraArgs:
     """AdaDelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
 
@@ -450,7 +460,9 @@ def adadelta(
     )
 
 
-def rprop(learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize: bool = False) -> GradientTransformationExtraArgs:
+def rprop(
+    learning_rate=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *, maximize: bool = False
+) -> GradientTransformationExtraArgs:
     """Rprop (Riedmiller & Braun, 1993), as ``torch.optim.Rprop``: steps on the first call.
 
     ``learning_rate`` is the initial per-weight step size; after that each

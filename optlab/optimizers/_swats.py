@@ -9,7 +9,14 @@ import jax.numpy as jnp
 
 from optlab import _checks
 from optlab.schedules._core import real_dtype
-from optlab._base import GradientTransformationExtraArgs, count_dtype, safe_increment, step_counter, tree_vdot, tree_zeros_like
+from optlab._base import (
+    GradientTransformationExtraArgs,
+    count_dtype,
+    safe_increment,
+    step_counter,
+    tree_vdot,
+    tree_zeros_like,
+)
 from optlab._hparams import Limits, with_limited_hyperparams
 
 
