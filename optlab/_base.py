@@ -137,7 +137,12 @@ def chain(*transforms) -> GradientTransformationExtraArgs:
 
 
 def check_same_structure(updates, params, what: str = "updates") -> None:
-    """Raise a clear error when a gradient tree does not match the parameter tree."""
+    """Raise a clear error when a gradient tree does not match the parameter tree, or a leaf its shape.
+
+    A gradient of another shape would otherwise broadcast against its
+    parameter (a (1, 3) gradient for a (3,) weight) or fail deep inside a block.
+    Static shapes only: nothing is added to a compiled program.
+    """
     if params is None:
         return
     s_u = jax.tree_util.tree_structure(updates)
@@ -147,6 +152,12 @@ def check_same_structure(updates, params, what: str = "updates") -> None:
             f"the {what} tree does not match the parameter tree:\n"
             f"  {what}: {s_u}\n  params: {s_p}"
         )
+    for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree_util.tree_leaves(params)):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"the {what} for the parameter {jax.tree_util.keystr(path)} has shape {jnp.shape(u)}; "
+                f"the parameter has shape {jnp.shape(p)}"
+            )
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

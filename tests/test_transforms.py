@@ -8,6 +8,8 @@ reduce_on_plateau (PyTorch's ReduceLROnPlateau), and tree-mismatch errors.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -535,6 +537,17 @@ def test_named_optimizer_rejects_mismatched_gradient_tree_showing_both(make):
     state = opt.init(params)
     with pytest.raises(ValueError, match=r"(?s)does not match the parameter tree.*gradient: PyTreeDef\(\{'a': \*\}\).*params: PyTreeDef\(\{'a': \*, 'b': \*\}\)"):
         opt.update({"a": jnp.ones(2)}, state, params)
+
+
+@pytest.mark.parametrize("make", [optlab.sgd, optlab.adam, optlab.rmsprop, optlab.adagrad], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("shape", [(4,), (1, 3)], ids=["longer", "broadcastable"])
+def test_a_gradient_of_another_shape_is_rejected_naming_the_leaf(make, shape):
+    # (1, 3) would broadcast against the (3,) weight and silently turn it into a matrix.
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    opt = make(0.1)
+    expected = rf"gradient for the parameter \['b'\] has shape {re.escape(str(shape))}; the parameter has shape \(3,\)"
+    with pytest.raises(ValueError, match=expected):
+        opt.update({"a": jnp.ones(2), "b": jnp.ones(shape)}, opt.init(params), params)
 
 
 # --- momentum's first step -------------------------------------------------------------------
