@@ -339,3 +339,9 @@ def test_docstring_example_runs():
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("params", [{}, {"w": jnp.zeros((0,))}], ids=["empty-tree", "zero-size-leaf"])
+def test_an_empty_parameter_tree_is_a_clear_error(params):
+    with pytest.raises(ValueError, match="lbfgs needs at least one parameter element"):
+        lbfgs(line_search=None).init(params)

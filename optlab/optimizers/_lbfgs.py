@@ -369,6 +369,9 @@ def _lbfgs_core(learning_rate, memory_size, line_search, tolerance_grad, toleran
         flat, _ = ravel_pytree(params)
         dtype = _flat_dtype(flat)
         n = flat.size
+        if n == 0:
+            # Its convergence tests take a max over the gradient: nothing to take it over.
+            raise ValueError("lbfgs needs at least one parameter element; the parameter tree is empty")
         # No buffer twice in the state: a step that donates it would fail.
         return LbfgsState(
             count=jnp.zeros([], count_dtype()),
