@@ -30,6 +30,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from optlab._base import tree_copy
 from optlab._host import cpu_name
 from optlab.train import retain_host_memory
 
@@ -99,9 +100,8 @@ def describe_environment(env: dict) -> str:
 # --- timing ----------------------------------------------------------------------------------
 
 
-def copy_tree(tree):
-    """A private copy of every leaf, so a donated call never frees an array someone else holds."""
-    return jax.tree_util.tree_map(lambda x: jax.numpy.array(x, copy=True), tree)
+# A private copy of every leaf, so a donated call never frees an array someone else holds.
+copy_tree = tree_copy
 
 
 def torch_device() -> str | None:

@@ -57,7 +57,10 @@ def _negate():
 
 def _ascending(tx, maximize: bool):
     """``tx`` fed the negated gradient when ``maximize`` (torch's ``maximize=True``, which negates
-    the gradient before anything else, weight decay included); the state is ``tx``'s own."""
+    the gradient before anything else, weight decay included); the state is ``tx``'s own.
+
+    (`sgd` had ``maximize`` first, as a ``scale(-1)`` slot of its chain; it keeps that slot so
+    that the structure of its state, and of the runs checkpointed with it, stays the same.)"""
     if not maximize:
         return tx
 

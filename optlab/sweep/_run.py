@@ -194,8 +194,8 @@ def _index(tree, i):
     return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
-def _has_conv(cfg) -> bool:
-    return cfg["model"]["name"] in ("convnet", "cnn", "resnet9")
+def _has_conv(model_name: str) -> bool:
+    return model_name in ("convnet", "cnn", "resnet9")
 
 
 def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
@@ -234,7 +234,7 @@ def choose_strategy(cfg: dict, n: int, requested: str, devices: int = 1) -> str:
     if jax.default_backend() != "cpu":
         return "vmap"
     name = model.get("name", _config.default_config()["model"]["name"])
-    return "map" if _has_conv({"model": {"name": name}}) or math.ceil(int(n) / int(devices)) > 8 else "vmap"
+    return "map" if _has_conv(name) or math.ceil(int(n) / int(devices)) > 8 else "vmap"
 
 
 def devices_for(n: int, devices: list) -> list:

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 import optlab
-from optlab._base import global_norm, with_extra_args_support
+from optlab._base import global_norm, tree_copy, with_extra_args_support
 from optlab.config import EPOCH_LOOPS
 from optlab.models import merge_model
 
@@ -60,7 +60,7 @@ def init_state(model: nnx.Module, tx, seed: int | jax.Array) -> tuple[Any, Train
     # keeps (optax.inject_hyperparams stores the caller's hyperparameter arrays). A jit that
     # donates the state would then donate a buffer twice, or free one still needed elsewhere;
     # so the state gets its own copy of every leaf.
-    return graphdef, jax.tree_util.tree_map(lambda x: x.copy(), state)
+    return graphdef, tree_copy(state)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
